@@ -1,0 +1,26 @@
+"""Laplace and integrated-Laplace fits of PyMC models, returned as the object ``pm.sample`` returns."""
+
+from pymc_laplace.diagnostics import importance_resample, pareto_smooth
+from pymc_laplace.errors import (
+    HessianNotPositiveDefiniteError,
+    LaplaceError,
+    ModelSpecificationError,
+    OptimizationError,
+    StartPointError,
+)
+from pymc_laplace.laplace import fit_laplace
+from pymc_laplace.optimize import NewtonOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HessianNotPositiveDefiniteError",
+    "LaplaceError",
+    "ModelSpecificationError",
+    "NewtonOptimizer",
+    "OptimizationError",
+    "StartPointError",
+    "fit_laplace",
+    "importance_resample",
+    "pareto_smooth",
+]

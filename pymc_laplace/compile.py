@@ -1,0 +1,341 @@
+"""The one module that reads a ``pm.Model``: it compiles every pytensor graph a fit needs, once.
+
+Everything downstream (solvers, fits, draws) works on the frozen :class:`CompiledJoint` and plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pymc as pm
+import pytensor
+import pytensor.tensor as pt
+from pymc.pytensorf import join_nonshared_inputs
+from pytensor.scalar.math import Sigmoid
+from pytensor.tensor.elemwise import Elemwise
+from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
+from pytensor.tensor.sharedvar import TensorSharedVariable
+
+from pymc_laplace.errors import ModelSpecificationError
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """How the flat unconstrained vector is cut into the model's value variables.
+
+    Attributes
+    ----------
+    names : tuple of str
+        Value-variable names in order (``"beta"``, ``"sigma_log__"``, ...).
+    shapes : tuple of tuple of int
+        Shape of each value variable.
+    slices : tuple of slice
+        Where each value variable sits in the flat vector.
+    labels : tuple of str
+        One label per element of the flat vector, e.g. ``"beta[x1]"``, using the model's coords where the value
+        variable has the shape of its random variable.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    slices: tuple[slice, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    def split(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Flat vector -> ``{value name: array}``."""
+        return {n: x[s].reshape(shp) for n, s, shp in zip(self.names, self.slices, self.shapes, strict=True)}
+
+    def join(self, point: Mapping[str, Any]) -> np.ndarray:
+        """``{value name: array}`` -> flat vector."""
+        return np.concatenate([np.asarray(point[n], dtype=float).ravel() for n in self.names]) if self.names else (
+            np.zeros(0)
+        )
+
+    def indices(self, names: Sequence[str]) -> np.ndarray:
+        """Flat indices of the elements of the named value variables."""
+        where = dict(zip(self.names, self.slices, strict=True))
+        return np.concatenate([np.arange(where[n].start, where[n].stop) for n in names]).astype(int)
+
+
+@dataclass(frozen=True)
+class PosteriorVariable:
+    """A variable reported in the posterior group: a free variable (constrained) or a Deterministic."""
+
+    name: str
+    dims: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class DataVariable:
+    """Observed or constant data, for the ``observed_data`` and ``constant_data`` groups."""
+
+    name: str
+    values: np.ndarray
+    dims: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class CompiledJoint:
+    """The compiled log density of a model and everything needed to report draws from it.
+
+    Attributes
+    ----------
+    layout : FlatLayout
+        The unconstrained parameter vector.
+    start : ndarray, shape (n,)
+        Start point of the optimiser (unconstrained).
+    jacobian : bool
+        Whether the log density includes the log-Jacobian of the transforms.
+    value_grad_hess : callable
+        ``x -> (logp, dlogp (n,), d2logp (n, n))``: exact derivatives of the log density.
+    logp_and_outputs : callable
+        ``x -> [logp, *values]``: the log density and each posterior variable (constrained values and
+        Deterministics), in the order of ``posterior_variables``.
+    posterior_variables : tuple of PosteriorVariable
+    observed_data, constant_data : tuple of DataVariable
+    coords : dict
+        The model's coords.
+    describe_point : callable
+        ``x -> str``: each variable's log density at ``x``, for error messages.
+    """
+
+    layout: FlatLayout
+    start: np.ndarray
+    jacobian: bool
+    value_grad_hess: Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray]]
+    logp_and_outputs: Callable[[np.ndarray], list[np.ndarray]]
+    posterior_variables: tuple[PosteriorVariable, ...]
+    observed_data: tuple[DataVariable, ...]
+    constant_data: tuple[DataVariable, ...]
+    coords: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    describe_point: Callable[[np.ndarray], str] = repr
+
+
+def element_labels(
+    name: str, shape: tuple[int, ...], dims: Sequence[str] | None, coords: Mapping[str, Sequence[Any]]
+) -> list[str]:
+    """Labels of the elements of an array variable in C order, e.g. ``beta[x1]`` or ``u[3]``."""
+    if len(shape) == 0:
+        return [name]
+    axes = []
+    for axis, length in enumerate(shape):
+        dim = dims[axis] if dims is not None and axis < len(dims) else None
+        values = coords.get(dim) if dim is not None else None
+        if values is not None and len(values) == length:
+            axes.append([str(v) for v in values])
+        else:
+            axes.append([str(i) for i in range(length)])
+    return [f"{name}[{', '.join(combo)}]" for combo in itertools.product(*axes)]
+
+
+def _logit_of_binary_likelihood(rv: pt.TensorVariable) -> pt.TensorVariable | None:
+    """The linear predictor of a Bernoulli or Binomial whose probability is ``sigmoid(eta)``, else None."""
+    op = rv.owner.op
+    if not isinstance(op, (BernoulliRV, BinomialRV)):
+        return None
+    p = rv.owner.inputs[-1]
+    if p.owner is not None and isinstance(p.owner.op, Elemwise) and isinstance(p.owner.op.scalar_op, Sigmoid):
+        return p.owner.inputs[0]
+    return None
+
+
+def _data_value(var: Any) -> np.ndarray:
+    if isinstance(var, TensorSharedVariable):
+        return np.asarray(var.get_value())
+    if hasattr(var, "data"):
+        return np.asarray(var.data)
+    return np.asarray(var.eval())
+
+
+def _binary_loglik_terms(model: pm.Model, rvs: Sequence[pt.TensorVariable]) -> list[pt.TensorVariable]:
+    """Log likelihood of logit-link Bernoulli/Binomial terms written as ``y*eta - n*softplus(eta)``.
+
+    PyMC's own graph for these (a switch over ``log(sigmoid)``) has wrong or NaN first and second derivatives once
+    ``|eta|`` exceeds about 37; this form has exact derivatives everywhere.
+    """
+    terms = []
+    for rv in rvs:
+        eta = _logit_of_binary_likelihood(rv)
+        observed = model.rvs_to_values[rv]
+        y_values = _data_value(observed)
+        if isinstance(rv.owner.op, BernoulliRV):
+            n = pt.constant(1.0)
+            n_values = np.ones(1)
+        else:
+            n = rv.owner.inputs[-2]
+            n_values = _data_value(n) if not n.owner else None
+        if np.any(y_values < 0) or (n_values is not None and np.any(y_values > n_values)):
+            raise ModelSpecificationError(
+                f"Observed values of {rv.name!r} lie outside the support of its distribution (0 <= y <= n). "
+                "Check the data passed as `observed`."
+            )
+        eta_v, n_v = model.replace_rvs_by_values([eta, pt.as_tensor(n)])
+        y = pt.as_tensor(observed)
+        term = y * eta_v - n_v * pt.softplus(eta_v)
+        if isinstance(rv.owner.op, BinomialRV):
+            term = term + pt.gammaln(n_v + 1) - pt.gammaln(y + 1) - pt.gammaln(n_v - y + 1)
+        terms.append(pt.sum(term))
+    return terms
+
+
+def model_log_density(model: pm.Model, *, jacobian: bool) -> pt.TensorVariable:
+    """The joint log density of ``model`` in terms of its value variables, with robust binary likelihoods."""
+    binary = [rv for rv in model.observed_RVs if _logit_of_binary_likelihood(rv) is not None]
+    others = [rv for rv in model.basic_RVs if rv not in binary] + list(model.potentials)
+    terms = [model.logp(vars=others, jacobian=jacobian)] if others else []
+    terms += _binary_loglik_terms(model, binary)
+    return pt.add(*terms) if len(terms) > 1 else terms[0]
+
+
+def check_continuous(model: pm.Model) -> None:
+    """Raise if any free variable is discrete."""
+    discrete = [rv.name for rv in model.free_RVs if rv.dtype.startswith(("int", "uint", "bool"))]
+    if discrete:
+        raise ModelSpecificationError(
+            f"The free variable(s) {discrete} are discrete; a Laplace approximation needs continuous free "
+            "variables. Marginalise them out (e.g. pymc_extras.marginalize) or observe them."
+        )
+
+
+def resolve_variables(model: pm.Model, names: Sequence[Any] | None, *, argument: str) -> list[str]:
+    """Value-variable names of the free variables named (by name or by variable) in ``names``."""
+    free = {rv.name: rv for rv in model.free_RVs}
+    if names is None:
+        return [model.rvs_to_values[rv].name for rv in model.free_RVs]
+    if isinstance(names, (str, pt.TensorVariable)):
+        names = [names]
+    resolved = []
+    for item in names:
+        name = item if isinstance(item, str) else getattr(item, "name", None)
+        value_names = {model.rvs_to_values[rv].name: rv.name for rv in model.free_RVs}
+        if name in value_names:
+            name = value_names[name]
+        if name not in free:
+            raise ModelSpecificationError(
+                f"`{argument}` names {name!r}, which is not a free variable of the model. "
+                f"The free variables are {sorted(free)}."
+            )
+        resolved.append(model.rvs_to_values[free[name]].name)
+    return resolved
+
+
+def _data_variables(model: pm.Model) -> tuple[tuple[DataVariable, ...], tuple[DataVariable, ...]]:
+    dims = model.named_vars_to_dims
+    observed, observed_ids = [], set()
+    for rv in model.observed_RVs:
+        value = model.rvs_to_values[rv]
+        observed_ids.add(id(value))
+        observed.append(DataVariable(rv.name, _data_value(value), _dims(dims.get(rv.name))))
+    constant = []
+    for var in getattr(model, "data_vars", []):
+        if id(var) in observed_ids or var.name is None:
+            continue
+        constant.append(DataVariable(var.name, _data_value(var), _dims(dims.get(var.name))))
+    return tuple(observed), tuple(constant)
+
+
+def _dims(dims: Sequence[str | None] | None) -> tuple[str, ...] | None:
+    if dims is None:
+        return None
+    return tuple(d for d in dims if d is not None) if all(d is not None for d in dims) else None
+
+
+def start_point(model: pm.Model, initvals: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    """The unconstrained start point, with ``initvals`` (constrained values, as in ``pm.sample``) applied."""
+    from pymc.initial_point import make_initial_point_fn
+
+    names = {rv.name for rv in model.free_RVs}
+    for name in initvals or {}:
+        if name not in names:
+            raise ModelSpecificationError(
+                f"`initvals` names {name!r}, which is not a free variable of the model. "
+                f"The free variables are {sorted(names)}."
+            )
+    fn = make_initial_point_fn(model=model, overrides=dict(initvals or {}), return_transformed=True)
+    return {k: np.asarray(v, dtype=float) for k, v in fn(0).items()}
+
+
+def compile_joint(
+    model: pm.Model,
+    *,
+    jacobian: bool = True,
+    initvals: Mapping[str, Any] | None = None,
+    compile_kwargs: Mapping[str, Any] | None = None,
+) -> CompiledJoint:
+    """Compile the log density of ``model``, its exact gradient and Hessian, and the map to posterior values.
+
+    Parameters
+    ----------
+    model : pm.Model
+    jacobian : bool
+        Include the log-Jacobian of the transforms (density of the unconstrained values) or not.
+    initvals : dict, optional
+        Start values of free variables on their constrained scale, keyed by variable name.
+    compile_kwargs : dict, optional
+        Passed to ``pytensor.function`` (e.g. ``{"mode": "FAST_COMPILE"}``).
+    """
+    check_continuous(model)
+    point = start_point(model, initvals)
+    value_vars = [model.rvs_to_values[rv] for rv in model.free_RVs]
+    coords = {k: tuple(v) if v is not None else () for k, v in model.coords.items()}
+    dims = model.named_vars_to_dims
+
+    rv_shapes = model.eval_rv_shapes()
+    labels: list[str] = []
+    shapes, slices = [], []
+    for rv, value in zip(model.free_RVs, value_vars, strict=True):
+        shape = tuple(int(s) for s in np.shape(point[value.name]))
+        # dims label a transformed value only when the transform keeps the shape (log, logodds; not simplex)
+        rv_dims = dims.get(rv.name) if tuple(rv_shapes.get(rv.name, ())) == shape else None
+        labels += element_labels(value.name, shape, rv_dims, coords)
+        slices.append(slice(len(labels) - int(np.prod(shape, dtype=int)), len(labels)))
+        shapes.append(shape)
+    layout = FlatLayout(tuple(v.name for v in value_vars), tuple(shapes), tuple(slices), tuple(labels))
+
+    posterior_rvs = list(model.free_RVs) + list(model.deterministics)
+    posterior_variables = tuple(PosteriorVariable(v.name, _dims(dims.get(v.name))) for v in posterior_rvs)
+    logp = model_log_density(model, jacobian=jacobian)
+    outputs = model.replace_rvs_by_values(posterior_rvs)
+    [logp_flat, *outputs_flat], x = join_nonshared_inputs(point, [logp, *outputs], value_vars)
+    x.name = "unconstrained"
+    grad = pt.grad(logp_flat, x)
+    hess = pytensor.gradient.jacobian(grad, x, vectorize=True)
+    kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
+    vgh_fn = pytensor.function([x], [logp_flat, grad, hess], **kwargs)
+    out_fn = pytensor.function([x], [logp_flat, *outputs_flat], **kwargs)
+
+    def value_grad_hess(xv: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        f, g, h = vgh_fn(xv)
+        return float(f), g, h
+
+    def describe_point(xv: np.ndarray) -> str:
+        values = layout.split(xv)
+        lines = [f"  {name} = {np.array2string(v, precision=4, threshold=8)}" for name, v in values.items()]
+        try:
+            logps = model.point_logps(values)
+            lines += [f"  log density of {name}: {lp}" for name, lp in logps.items()]
+        except Exception as err:  # the description is a courtesy; it must not hide the real error
+            lines.append(f"  (log densities per variable unavailable: {err})")
+        return "\n".join(lines)
+
+    observed, constant = _data_variables(model)
+    return CompiledJoint(
+        layout=layout,
+        start=layout.join(point),
+        jacobian=jacobian,
+        value_grad_hess=value_grad_hess,
+        logp_and_outputs=out_fn,
+        posterior_variables=posterior_variables,
+        observed_data=observed,
+        constant_data=constant,
+        coords=coords,
+        describe_point=describe_point,
+    )

@@ -1,0 +1,27 @@
+"""Exceptions raised by pymc_laplace.
+
+Every error says what went wrong in terms of the user's model (variable names and coordinates) and what to do
+about it. Numerical failures are never repaired silently.
+"""
+
+from __future__ import annotations
+
+
+class LaplaceError(RuntimeError):
+    """Base class of the numerical failures of a Laplace fit."""
+
+
+class ModelSpecificationError(ValueError):
+    """The model or the arguments cannot be fitted by this method (raised before any numerical work)."""
+
+
+class StartPointError(LaplaceError):
+    """The log density or its gradient is not finite at the start point."""
+
+
+class OptimizationError(LaplaceError):
+    """The optimiser did not reach a mode (diverged, stalled or ran out of steps)."""
+
+
+class HessianNotPositiveDefiniteError(LaplaceError):
+    """The negative Hessian at the optimum is not positive definite: the Gaussian approximation does not exist."""
