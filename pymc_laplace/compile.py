@@ -14,9 +14,11 @@ import numpy as np
 import pymc as pm
 import pytensor
 import pytensor.tensor as pt
+from pymc.pytensorf import compile as compile_graph
+from pymc.pytensorf import constant_fold
 from pymc.pytensorf import join_nonshared_inputs
 from pytensor.scalar.math import Sigmoid
-from pytensor.tensor.elemwise import Elemwise
+from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
@@ -142,9 +144,16 @@ def _logit_of_binary_likelihood(rv: pt.TensorVariable) -> pt.TensorVariable | No
     if not isinstance(op, (BernoulliRV, BinomialRV)):
         return None
     p = rv.owner.inputs[-1]
-    if p.owner is not None and isinstance(p.owner.op, Elemwise) and isinstance(p.owner.op.scalar_op, Sigmoid):
-        return p.owner.inputs[0]
-    return None
+    broadcasts = []  # PyMC may wrap sigmoid(eta) in ExpandDims; they commute with the elementwise sigmoid
+    while p.owner is not None and isinstance(p.owner.op, DimShuffle):
+        broadcasts.append(p.owner.op)
+        p = p.owner.inputs[0]
+    if p.owner is None or not (isinstance(p.owner.op, Elemwise) and isinstance(p.owner.op.scalar_op, Sigmoid)):
+        return None
+    eta = p.owner.inputs[0]
+    for op in reversed(broadcasts):
+        eta = op(eta)
+    return eta
 
 
 def _data_value(var: Any) -> np.ndarray:
@@ -171,7 +180,8 @@ def _binary_loglik_terms(model: pm.Model, rvs: Sequence[pt.TensorVariable]) -> l
             n_values = np.ones(1)
         else:
             n = rv.owner.inputs[-2]
-            n_values = _data_value(n) if not n.owner else None
+            folded = constant_fold([n], raise_not_constant=False)[0]
+            n_values = np.asarray(folded) if isinstance(folded, np.ndarray | int | float | np.number) else None
         if np.any(y_values < 0) or (n_values is not None and np.any(y_values > n_values)):
             raise ModelSpecificationError(
                 f"Observed values of {rv.name!r} lie outside the support of its distribution (0 <= y <= n). "
@@ -309,8 +319,9 @@ def compile_joint(
     grad = pt.grad(logp_flat, x)
     hess = pytensor.gradient.jacobian(grad, x, vectorize=True)
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
-    vgh_fn = pytensor.function([x], [logp_flat, grad, hess], **kwargs)
-    out_fn = pytensor.function([x], [logp_flat, *outputs_flat], **kwargs)
+    # pymc's compile turns parameter checks into -inf (a draw outside the support is not an error)
+    vgh_fn = compile_graph([x], [logp_flat, grad, hess], **kwargs)
+    out_fn = compile_graph([x], [logp_flat, *outputs_flat], **kwargs)
 
     def value_grad_hess(xv: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         f, g, h = vgh_fn(xv)

@@ -75,7 +75,7 @@ def pareto_smooth(log_ratios: np.ndarray) -> ParetoSmoothedWeights:
     if not np.all(finite[log_ratios != -np.inf]):
         raise ValueError("log importance ratios contain NaN or +inf: the log densities of some draws are invalid")
     lw = log_ratios - np.max(log_ratios)
-    tail_len = int(min(0.2 * n, 3.0 * np.sqrt(n)))
+    tail_len = int(np.ceil(min(0.2 * n, 3.0 * np.sqrt(n))))
     order = np.argsort(lw)
     k = np.inf
     if tail_len >= 5:

@@ -192,7 +192,8 @@ def _failure_message(result: OptimizerResult, labels: Sequence[str], optimizer: 
         return ", ".join(f"{labels[i]} = {values[i]:.4g}" for i in order)
 
     head = f"The mode was not found: {result.message} (after {result.n_steps} steps)."
-    if result.status in (NewtonStatus.DIVERGED, NewtonStatus.NONFINITE):
+    far = np.abs(result.x) > 50.0  # on the unconstrained scale: exp(50) is no plausible value of anything
+    if result.status in (NewtonStatus.DIVERGED, NewtonStatus.NONFINITE) or np.any(far):
         return (
             f"{head} The largest unconstrained values are {top(result.x)}; log density {result.logp:.6g}. "
             "The posterior looks improper or unbounded along these variables: give them proper priors, or use "

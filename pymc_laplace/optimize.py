@@ -129,15 +129,16 @@ class NewtonOptimizer:
                     status, step = NewtonStatus.SUCCESS, step - 1
                     break
                 accepted = False
+                newton_decrement = None
+                g_norm = np.max(np.abs(g), initial=0.0)
                 while mu < 1e20:
                     p = _damped_newton_step(-h, g, mu)
                     if p is None:
                         mu = _increase(mu, h)
                         continue
                     decrement = float(g @ p)
-                    if decrement <= 1e-15 * max(1.0, abs(f)) and mu == 0.0:
-                        status = NewtonStatus.SUCCESS_AT_PRECISION
-                        break
+                    if mu == 0.0:
+                        newton_decrement = decrement
                     x_new = x + p
                     f_new, g_new, h_new = value_grad_hess(x_new)
                     n_eval += 1
@@ -145,15 +146,20 @@ class NewtonOptimizer:
                         status = NewtonStatus.NONFINITE
                         x = x_new
                         break
-                    if f_new >= f + 1e-4 * decrement and np.all(np.isfinite(g_new)) and np.all(np.isfinite(h_new)):
+                    derivatives_finite = np.all(np.isfinite(g_new)) and np.all(np.isfinite(h_new))
+                    increases = f_new >= f + 1e-4 * decrement
+                    # near the mode f no longer resolves the progress; accept a step that shrinks the gradient
+                    polishes = f_new >= f - 1e-14 * max(1.0, abs(f)) and np.max(np.abs(g_new)) < g_norm
+                    if derivatives_finite and (increases or polishes):
                         x, f, g, h = x_new, f_new, g_new, h_new
                         accepted = True
                         mu = 0.0 if mu < 1e-6 else mu / 10.0
                         break
                     mu = _increase(mu, h)
                 if not accepted:
-                    if status not in (NewtonStatus.SUCCESS_AT_PRECISION, NewtonStatus.NONFINITE):
-                        status = NewtonStatus.STALLED
+                    if status is not NewtonStatus.NONFINITE:
+                        precise = newton_decrement is not None and newton_decrement <= 1e-12 * max(1.0, abs(f))
+                        status = NewtonStatus.SUCCESS_AT_PRECISION if precise else NewtonStatus.STALLED
                     break
                 if callback is not None:
                     callback(step, f, float(np.max(np.abs(g), initial=0.0)))
