@@ -1,0 +1,27 @@
+"""Every python block of every docs/*.md page runs (blocks of a page share one namespace)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+DOCS = sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def test_docs_exist():
+    assert DOCS, "no documentation pages found"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_doc_page_runs(page, capsys):
+    blocks = BLOCK.findall(page.read_text())
+    assert blocks, f"{page.name} has no python block"
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
