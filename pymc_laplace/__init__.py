@@ -8,19 +8,28 @@ from pymc_laplace.errors import (
     OptimizationError,
     StartPointError,
 )
+from pymc_laplace.integrated import OuterOptimizer, fit_integrated_laplace, marginal, summary
 from pymc_laplace.laplace import fit_laplace
+from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.optimize import NewtonOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HessianNotPositiveDefiniteError",
+    "InnerNewton",
+    "InnerSolveError",
+    "LaplaceMarginal",
+    "OuterOptimizer",
     "LaplaceError",
     "ModelSpecificationError",
     "NewtonOptimizer",
     "OptimizationError",
     "StartPointError",
+    "fit_integrated_laplace",
     "fit_laplace",
     "importance_resample",
+    "marginal",
     "pareto_smooth",
+    "summary",
 ]

@@ -73,11 +73,13 @@ def build_result(
     attrs: Mapping[str, Any],
     model: pm.Model | None = None,
     log_likelihood: bool = False,
+    extra_fit: Mapping[str, tuple[tuple[str, ...], np.ndarray, Sequence[str]]] | None = None,
 ) -> Any:
     """Assemble the result groups.
 
     ``posterior`` values have leading ``(chain, draw)`` axes; ``sample_stats`` arrays are ``(chain, draw)``;
-    ``fit_vectors`` are over ``rows`` and ``fit_matrices`` over ``(rows, columns)``, both labelled by ``labels``.
+    ``fit_vectors`` are over ``rows`` and ``fit_matrices`` over ``(rows, columns)``, both labelled by ``labels``;
+    ``extra_fit`` maps a name to ``(dims, values, labels of the single dim)``.
     """
     attrs = {**_base_attrs(), **dict(attrs)}
     posterior_dims = {v.name: v.dims for v in posterior_variables}
@@ -95,6 +97,8 @@ def build_result(
         coords={"rows": labels, "columns": labels},
         attrs=attrs,
     )
+    for name, (dims, values, dim_labels) in dict(extra_fit or {}).items():
+        fit[name] = xr.DataArray(np.asarray(values), dims=dims, coords={dims[0]: list(dim_labels)})
     groups["fit"] = fit
     groups["optimizer_result"] = xr.Dataset({k: ((), v) for k, v in optimizer.items()}, attrs=attrs)
     for group, variables in (("observed_data", observed_data), ("constant_data", constant_data)):

@@ -1,0 +1,375 @@
+"""Integrated (nested) Laplace: random effects integrated out by an inner Newton solve."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pymc as pm
+import scipy.optimize
+
+from pymc_laplace._compat import get_group
+from pymc_laplace._progress import progress_bar
+from pymc_laplace.compile import compile_split
+from pymc_laplace.convert import build_result
+from pymc_laplace.errors import HessianNotPositiveDefiniteError, ModelSpecificationError
+from pymc_laplace.gaussian import gaussian_from_precision
+from pymc_laplace.laplace import evaluate_draws
+from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
+
+
+def marginal(
+    model: pm.Model | None = None,
+    *,
+    random: Sequence[Any],
+    inner: InnerNewton | None = None,
+    initvals: Mapping[str, Any] | None = None,
+    compile_kwargs: Mapping[str, Any] | None = None,
+) -> LaplaceMarginal:
+    """The compiled Laplace marginal likelihood of a PyMC model with ``random`` integrated out.
+
+    The PyMC counterpart of TMB's ``MakeADFun(..., random=...)``: ``logp(point)`` is the Laplace approximation
+    of ``log p(y | theta)`` (no prior on ``theta``) and ``dlogp(point)`` its exact gradient, where ``point``
+    holds the unconstrained values of every free variable not in ``random``, keyed as ``model.initial_point()``
+    keys them.
+
+    Parameters
+    ----------
+    model : pm.Model, optional
+    random : sequence of str or variables
+        The latent variables to integrate out (e.g. ``["u"]`` or ``["log_g", "log_p"]``).
+    inner : InnerNewton, optional
+        Settings of the inner Newton solve.
+    initvals : dict, optional
+        Start values (constrained scale) used as the first warm start of the random effects.
+    compile_kwargs : dict, optional
+        Passed to the pytensor compiler.
+
+    Returns
+    -------
+    LaplaceMarginal
+    """
+    model = pm.modelcontext(model)
+    compiled = compile_split(model, random=random, initvals=initvals, compile_kwargs=compile_kwargs)
+    return LaplaceMarginal(compiled, inner or InnerNewton())
+
+
+@dataclass(frozen=True)
+class OuterResult:
+    """Outcome of the outer maximisation of the (penalised) Laplace marginal.
+
+    Attributes
+    ----------
+    theta : ndarray
+    objective : float
+    grad : ndarray
+    hessian : ndarray
+        Hessian of the objective at ``theta`` (central differences of the exact gradient, symmetrised).
+    success : bool
+    message : str
+    n_iterations, n_evaluations : int
+    wall_time : float
+    """
+
+    theta: np.ndarray
+    objective: float
+    grad: np.ndarray
+    hessian: np.ndarray
+    success: bool
+    message: str
+    n_iterations: int
+    n_evaluations: int
+    wall_time: float
+
+    @property
+    def grad_norm(self) -> float:
+        return float(np.max(np.abs(self.grad), initial=0.0))
+
+
+@dataclass(frozen=True)
+class OuterOptimizer:
+    """Quasi-Newton on the exact gradient of the marginal, then Newton steps with its differenced Hessian.
+
+    Parameters
+    ----------
+    gtol : float
+        Converged when ``max |d objective / d theta| <= gtol`` after polishing.
+    max_iterations : int
+        BFGS iterations allowed.
+    hessian_step : float
+        Relative step of the central differences of the exact gradient that give the Hessian (as TMB does).
+    polish_steps : int
+        Newton steps with that Hessian after BFGS.
+    """
+
+    gtol: float = 1e-6
+    max_iterations: int = 500
+    hessian_step: float = 1e-4
+    polish_steps: int = 5
+
+    def maximize(
+        self, value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], theta0: np.ndarray
+    ) -> OuterResult:
+        start = time.perf_counter()
+        evaluations = 0
+
+        def negated(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            nonlocal evaluations
+            evaluations += 1
+            try:
+                value, grad = value_and_grad(theta)
+            except InnerSolveError:
+                return np.inf, np.zeros_like(theta)
+            if not np.isfinite(value):
+                return np.inf, np.zeros_like(theta)
+            return -value, -grad
+
+        bfgs = scipy.optimize.minimize(
+            negated, np.asarray(theta0, dtype=float), jac=True, method="BFGS",
+            options={"gtol": self.gtol, "maxiter": self.max_iterations},
+        )  # fmt: skip
+        theta = bfgs.x
+        value, grad = value_and_grad(theta)
+        hessian = self.hessian(value_and_grad, theta)
+        evaluations += 1 + 2 * theta.size
+        message = str(bfgs.message)
+        for _ in range(self.polish_steps):
+            if np.max(np.abs(grad), initial=0.0) <= self.gtol * 1e-2:
+                break
+            try:
+                step = np.linalg.solve(-hessian, grad)
+            except np.linalg.LinAlgError:
+                break
+            if not np.all(np.isfinite(step)):
+                break
+            try:
+                new_value, new_grad = value_and_grad(theta + step)
+            except InnerSolveError:
+                break
+            evaluations += 1
+            if not (np.isfinite(new_value) and new_value >= value - 1e-10 * max(1.0, abs(value))):
+                break
+            theta, value, grad = theta + step, new_value, new_grad
+            hessian = self.hessian(value_and_grad, theta)
+            evaluations += 2 * theta.size
+        success = bool(np.max(np.abs(grad), initial=0.0) <= self.gtol)
+        if success:
+            message = f"converged: max|gradient| {np.max(np.abs(grad), initial=0.0):.2e} <= gtol {self.gtol:g}"
+        else:
+            message = (
+                f"not converged: max|gradient| {np.max(np.abs(grad), initial=0.0):.2e} > gtol {self.gtol:g} "
+                f"after BFGS ({message}) and Newton polishing; the objective may not be smooth here"
+            )
+        return OuterResult(
+            theta, float(value), grad, hessian, success, message, int(bfgs.nit), evaluations,
+            time.perf_counter() - start,
+        )  # fmt: skip
+
+    def hessian(self, value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], theta: np.ndarray) -> np.ndarray:
+        """Central differences of the exact gradient, step ``hessian_step * max(1, |theta_i|)``, symmetrised."""
+        n = theta.size
+        out = np.empty((n, n))
+        for i in range(n):
+            h = self.hessian_step * max(1.0, abs(theta[i]))
+            up, down = theta.copy(), theta.copy()
+            up[i] += h
+            down[i] -= h
+            out[:, i] = (value_and_grad(up)[1] - value_and_grad(down)[1]) / (2.0 * h)
+        return 0.5 * (out + out.T)
+
+
+def fit_integrated_laplace(
+    model: pm.Model | None = None,
+    *,
+    random: Sequence[Any],
+    method: Literal["ml", "map"] = "ml",
+    draws: int = 1000,
+    chains: int = 4,
+    random_seed: int | np.random.Generator | None = None,
+    progressbar: bool = True,
+    initvals: Mapping[str, Any] | None = None,
+    optimizer: OuterOptimizer | None = None,
+    inner: InnerNewton | None = None,
+    ridge: float = 0.0,
+    idata_kwargs: Mapping[str, Any] | None = None,
+    compile_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
+
+    The random effects ``b`` are integrated out by an inner Newton solve at each value of the other free
+    variables ``theta``; the Laplace marginal likelihood of ``theta`` is maximised with its exact gradient
+    (implicit function theorem). ``method="ml"`` ignores the priors of ``theta`` (as TMB and glmmTMB);
+    ``method="map"`` adds them with their Jacobians.
+
+    Parameters
+    ----------
+    model : pm.Model, optional
+    random : sequence of str or variables
+        The latent variables to integrate out.
+    method : {"ml", "map"}
+    draws, chains : int
+        Posterior draws: ``theta ~ N(theta^, cov)`` and, for each, ``b | theta ~ N(b^(theta), Q^-1)``.
+    random_seed, progressbar, initvals, idata_kwargs, compile_kwargs
+        As in :func:`pymc_laplace.fit_laplace`.
+    optimizer : OuterOptimizer, optional
+    inner : InnerNewton, optional
+    ridge : float
+        Added to the negative Hessian of the objective before inverting it (recorded in the attrs).
+
+    Returns
+    -------
+    arviz.InferenceData or xarray.DataTree
+        As ``pm.sample`` returns. The ``fit`` group holds ``mean_vector`` and ``covariance_matrix`` of theta
+        (``rows``/``columns``), ``random_effects`` and ``random_effects_se`` (conditional modes of ``b`` and
+        their standard errors including theta's uncertainty, over ``random_rows``), ``log_marginal_likelihood``,
+        ``aic``, ``bic``; ``optimizer_result`` records the outer and inner solves.
+
+    Raises
+    ------
+    ModelSpecificationError, InnerSolveError, HessianNotPositiveDefiniteError
+    """
+    if method not in ("ml", "map"):
+        raise ModelSpecificationError(f"method must be 'ml' or 'map', not {method!r}")
+    model = pm.modelcontext(model)
+    laplace = marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
+    compiled = laplace.compiled
+    optimizer = optimizer or OuterOptimizer()
+    rng = np.random.default_rng(random_seed)
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grad = laplace.value_and_grad(theta)
+        if method == "map":
+            prior, prior_grad = compiled.prior(theta)
+            value, grad = value + float(prior), grad + prior_grad
+        return value, grad
+
+    with progress_bar("Outer optimisation", None, enabled=progressbar) as bar:
+
+        def tracked(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            value, grad = objective(theta)
+            bar.update(advance=1, status=f"objective {value:.6g}")
+            return value, grad
+
+        outer = optimizer.maximize(tracked, compiled.theta_start)
+    if not outer.success:
+        warnings.warn(
+            f"The outer optimisation did not converge: {outer.message}. Estimates and standard errors are "
+            "reported at the last point; do not trust them without checking (e.g. restart from other values).",
+            UserWarning,
+            stacklevel=2,
+        )
+    theta_labels = compiled.theta_layout.labels
+    try:
+        gaussian = gaussian_from_precision(
+            outer.theta, -outer.hessian, theta_labels, ridge=ridge, what="Laplace marginal likelihood"
+        )
+    except HessianNotPositiveDefiniteError as err:
+        err.theta = dict(zip(theta_labels, outer.theta, strict=True))
+        err.objective = outer.objective
+        raise
+    solution = laplace.solve_inner(outer.theta)
+    log_lik = laplace.value(outer.theta)
+    jac = laplace.mode_jacobian(outer.theta)
+    b_var = solution.factor.diagonal_of_inverse() + np.einsum("ij,jk,ik->i", jac, gaussian.covariance, jac)
+    n_params = outer.theta.size
+    n_obs = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
+
+    # joint draws: theta from its Gaussian, b from its conditional Gaussian given each theta
+    theta_draws = gaussian.sample(rng, (chains, draws)).reshape(-1, n_params)
+    layout = compiled.joint.layout
+    unconstrained = np.empty((theta_draws.shape[0], layout.size))
+    log_q = np.empty(theta_draws.shape[0])
+    with progress_bar("Random effects given theta", theta_draws.shape[0], enabled=progressbar) as bar:
+        for i, theta in enumerate(theta_draws):
+            sol = laplace.solve_inner(theta)
+            z = rng.standard_normal(sol.b.size)
+            b_draw, log_q_b = sol.factor.sample_given(sol.b, z)
+            unconstrained[i, compiled.theta_in_joint] = theta
+            unconstrained[i, compiled.b_in_joint] = b_draw
+            log_q[i] = log_q_b
+            bar.update(advance=1)
+    log_q += gaussian.logpdf(theta_draws)
+    laplace.solve_inner(outer.theta)  # leave the warm start at the estimate
+    posterior, log_p = evaluate_draws(compiled.joint, unconstrained.reshape(chains, draws, -1), progressbar=False)
+
+    natural_values, natural_jac = compiled.natural(outer.theta)
+    natural_se = np.sqrt(np.einsum("ij,jk,ik->i", natural_jac, gaussian.covariance, natural_jac))
+    attrs = {
+        "method": f"integrated_laplace_{method}",
+        "random": list(compiled.b_layout.names),
+        "ridge": float(ridge),
+        "outer_success": int(outer.success),
+    }
+    result = build_result(
+        posterior=posterior,
+        posterior_variables=compiled.joint.posterior_variables,
+        coords=compiled.joint.coords,
+        sample_stats={"log_p": log_p, "log_q": log_q.reshape(chains, draws)},
+        fit_vectors={"mean_vector": outer.theta},
+        fit_matrices={"covariance_matrix": gaussian.covariance},
+        fit_scalars={
+            "log_marginal_likelihood": log_lik,
+            "objective": outer.objective,
+            "aic": 2.0 * n_params - 2.0 * log_lik,
+            "bic": np.log(max(n_obs, 1)) * n_params - 2.0 * log_lik,
+        },
+        labels=theta_labels,
+        optimizer={
+            "iterations": outer.n_iterations,
+            "evaluations": outer.n_evaluations,
+            "grad_norm": outer.grad_norm,
+            "objective": outer.objective,
+            "success": outer.success,
+            "message": outer.message,
+            "wall_time": outer.wall_time,
+            "inner_steps_at_estimate": solution.n_steps,
+            "inner_grad_norm_at_estimate": solution.grad_norm,
+        },
+        observed_data=compiled.joint.observed_data,
+        constant_data=compiled.joint.constant_data,
+        attrs=attrs,
+        model=model,
+        log_likelihood=bool(dict(idata_kwargs or {}).get("log_likelihood", False)),
+        extra_fit={
+            "random_effects": (("random_rows",), solution.b, compiled.b_layout.labels),
+            "random_effects_se": (("random_rows",), np.sqrt(b_var), compiled.b_layout.labels),
+            "natural_estimate": (("natural_rows",), np.atleast_1d(natural_values), compiled.natural_labels),
+            "natural_std_error": (("natural_rows",), np.atleast_1d(natural_se), compiled.natural_labels),
+        },
+    )
+    return result
+
+
+def summary(result: Any) -> pd.DataFrame:
+    """Estimates and standard errors of the outer parameters, on the unconstrained and the natural scale.
+
+    Natural-scale standard errors use the delta method with the exact Jacobian of the transforms (TMB's
+    ``ADREPORT``). Works on the results of ``fit_integrated_laplace`` and ``fit_laplace`` (the latter has only
+    the unconstrained scale).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by label, with columns ``estimate``, ``std_error`` and ``scale``.
+    """
+    fit = get_group(result, "fit")
+    rows = [
+        (str(label), float(est), float(np.sqrt(var)), "unconstrained")
+        for label, est, var in zip(
+            fit["rows"].values, fit["mean_vector"].values, np.diag(fit["covariance_matrix"].values), strict=True
+        )
+    ]
+    if "natural_estimate" in fit:
+        rows += [
+            (str(label), float(est), float(se), "natural")
+            for label, est, se in zip(
+                fit["natural_rows"].values, fit["natural_estimate"].values, fit["natural_std_error"].values, strict=True
+            )
+        ]
+    frame = pd.DataFrame(rows, columns=["label", "estimate", "std_error", "scale"]).set_index("label")
+    return frame

@@ -1,0 +1,310 @@
+"""fit_integrated_laplace and marginal against TMB, glmmTMB, quadrature and central differences.
+
+Reference values: ../shared/reference/README.md (made by the R scripts in ../shared/reference/r/: cbpp.R for
+glmmTMB, tmb_glmm.R with glmm_ri.cpp for TMB, tmb_urchin.R with urchin.cpp for the urchin model).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pymc as pm
+import pytensor.tensor as pt
+import pytest
+from scipy import optimize, special, stats
+
+from pymc_laplace import (
+    HessianNotPositiveDefiniteError,
+    InnerSolveError,
+    ModelSpecificationError,
+    fit_integrated_laplace,
+    marginal,
+    summary,
+)
+from pymc_laplace._compat import get_group
+
+from conftest import shared_path
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def cbpp_model() -> pm.Model:
+    d = pd.read_csv(shared_path("data", "cbpp.csv"))
+    herd = d["herd"].astype(int).to_numpy() - 1
+    period = d["period"].astype(int).to_numpy()
+    X = np.column_stack([np.ones(len(d)), period == 2, period == 3, period == 4]).astype(float)
+    coords = {"herd": np.arange(1, 16), "coef": ["(Intercept)", "period2", "period3", "period4"]}
+    with pm.Model(coords=coords) as model:
+        beta = pm.Normal("beta", 0.0, 10.0, dims="coef")
+        sigma = pm.HalfNormal("sigma", 1.0)
+        u = pm.Normal("u", 0.0, sigma, dims="herd")
+        pm.Binomial("y", n=d["size"].to_numpy(), logit_p=pt.dot(X, beta) + u[herd], observed=d["incidence"].to_numpy())
+    return model
+
+
+def glmm_model(n_groups: int) -> pm.Model:
+    d = pd.read_csv(shared_path("data", f"glmm_G{n_groups}.csv"))
+    X = np.column_stack([np.ones(len(d)), d[[f"x{i}" for i in range(1, 6)]].to_numpy()])
+    group = d["group"].to_numpy() - 1
+    coords = {"group": np.arange(1, n_groups + 1), "coef": ["(Intercept)", "x1", "x2", "x3", "x4", "x5"]}
+    with pm.Model(coords=coords) as model:
+        beta = pm.Normal("beta", 0.0, 10.0, dims="coef")
+        sigma = pm.HalfNormal("sigma", 1.0)
+        u = pm.Normal("u", 0.0, sigma, dims="group")
+        pm.Bernoulli("y", logit_p=pt.dot(X, beta) + u[group], observed=d["y"].to_numpy())
+    return model
+
+
+def urchin_model() -> pm.Model:
+    d = pd.read_csv(shared_path("data", "urchin.csv"))
+    age, vol = d["age"].to_numpy(float), d["vol"].to_numpy(float)
+    n = len(d)
+    with pm.Model(coords={"urchin": np.arange(n)}) as model:
+        log_omega = pm.Normal("log_omega", 0.0, 10.0)
+        mu_g = pm.Normal("mu_g", 0.0, 10.0)
+        sig_g = pm.HalfNormal("sig_g", 1.0)
+        mu_p = pm.Normal("mu_p", 0.0, 10.0)
+        sig_p = pm.HalfNormal("sig_p", 1.0)
+        sigma = pm.HalfNormal("sigma", 1.0)
+        log_g = pm.Normal("log_g", mu_g, sig_g, dims="urchin")
+        log_p = pm.Normal("log_p", mu_p, sig_p, dims="urchin")
+        g, p, omega = pt.exp(log_g), pt.exp(log_p), pt.exp(log_omega)
+        am = pt.log(p / (g * omega)) / g
+        volume = pt.switch(age < am, omega * pt.exp(g * age), p / g + p * (age - am))
+        pm.Normal("sqrt_vol", pt.sqrt(volume), sigma, observed=np.sqrt(vol), dims="urchin")
+    return model
+
+
+URCHIN_THETA_KEYS = ("log_omega", "mu_g", "sig_g_log__", "mu_p", "sig_p_log__", "sigma_log__")
+
+
+@pytest.fixture(scope="module")
+def cbpp_fit():
+    return fit_integrated_laplace(cbpp_model(), random=["u"], draws=100, chains=2, random_seed=0, progressbar=False)
+
+
+# ---------------------------------------------------------------------------------------------------- cbpp
+def test_cbpp_matches_glmmtmb(cbpp_fit):
+    """glmmTMB (Laplace): cbpp.R in ../shared/reference/r; estimates and SEs from the reference table."""
+    table = summary(cbpp_fit)
+    expected = {
+        "beta[(Intercept)]": (-1.39853247, 0.23247205),
+        "beta[period2]": (-0.99233229, 0.30664249),
+        "beta[period3]": (-1.12867130, 0.32663781),
+        "beta[period4]": (-1.58031369, 0.42743660),
+    }
+    unconstrained = table[table["scale"] == "unconstrained"]
+    for label, (estimate, se) in expected.items():
+        assert unconstrained.loc[label, "estimate"] == pytest.approx(estimate, abs=1e-4)
+        assert unconstrained.loc[label, "std_error"] == pytest.approx(se, abs=1e-4)
+    assert unconstrained.loc["sigma_log__", "estimate"] == pytest.approx(-0.4427595, abs=1e-4)
+    natural = table[table["scale"] == "natural"]
+    assert natural.loc["sigma", "estimate"] == pytest.approx(0.64226167, abs=1e-4)
+    log_lik = float(get_group(cbpp_fit, "fit")["log_marginal_likelihood"])
+    assert log_lik == pytest.approx(-92.026282, abs=1e-4)
+    assert log_lik >= -92.026282 - 1e-6  # at least as good as glmmTMB's optimum
+    assert float(get_group(cbpp_fit, "fit")["aic"]) == pytest.approx(2 * 5 + 2 * 92.026282, abs=2e-4)
+
+
+def test_cbpp_result_structure(cbpp_fit):
+    posterior = get_group(cbpp_fit, "posterior")
+    assert posterior["u"].dims == ("chain", "draw", "herd") and posterior["u"].shape == (2, 100, 15)
+    assert np.all(posterior["sigma"].values > 0)
+    fit = get_group(cbpp_fit, "fit")
+    assert list(fit["random_rows"].values)[:2] == ["u[1]", "u[2]"]
+    # random-effect SEs include theta's uncertainty: larger than the conditional sd alone, and finite
+    se = fit["random_effects_se"].values
+    assert np.all(np.isfinite(se)) and np.all(se > 0)
+    assert bool(get_group(cbpp_fit, "optimizer_result")["success"])
+
+
+# ---------------------------------------------------------------------------------------------------- TMB
+@pytest.mark.parametrize(
+    ("n_groups", "expected", "log_sigma", "log_lik"),
+    [
+        (100, [-0.516227, 0.989530, -0.869727, 0.483934, 0.290118, 0.051651], (-0.505953, 0.138299), -1040.658575),
+        (1000, [-0.487987, 0.975885, -0.987371, 0.501482, 0.247330, -0.014613], (-0.202069, 0.035597), -10372.181651),
+    ],
+)
+def test_synthetic_glmm_matches_tmb(n_groups, expected, log_sigma, log_lik):
+    """TMB hand template glmm_ri.cpp via tmb_glmm.R (TMB and glmmTMB agree to ~1e-8 there)."""
+    result = fit_integrated_laplace(
+        glmm_model(n_groups), random=["u"], draws=20, chains=1, random_seed=0, progressbar=False
+    )
+    fit = get_group(result, "fit")
+    np.testing.assert_allclose(fit["mean_vector"].values[:6], expected, atol=1e-4)
+    assert fit["mean_vector"].values[6] == pytest.approx(log_sigma[0], abs=1e-4)
+    assert np.sqrt(fit["covariance_matrix"].values[6, 6]) == pytest.approx(log_sigma[1], abs=1e-4)
+    assert float(fit["log_marginal_likelihood"]) == pytest.approx(log_lik, abs=1e-4)
+
+
+def test_marginal_gradient_matches_central_differences():
+    """The exact (implicit-function) gradient against central differences of the marginal, away from the optimum."""
+    laplace = marginal(cbpp_model(), random=["u"])
+    theta = np.array([-1.0, -0.5, -1.5, -1.0, 0.3])
+    point = laplace.compiled.theta_layout.split(theta)
+    grad = laplace.compiled.theta_layout.join(laplace.dlogp(point))
+    assert np.max(np.abs(grad)) > 1.0  # a point where the gradient is far from zero
+    step = 1e-4
+    central = np.array(
+        [(laplace.value(theta + step * e) - laplace.value(theta - step * e)) / (2 * step) for e in np.eye(theta.size)]
+    )
+    np.testing.assert_allclose(grad, central, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- seed 000
+def _two_site_data():
+    d = pd.read_csv(shared_path("data", "two_site_logistic.csv"))
+    return d[[f"x{i}" for i in range(1, 11)]].to_numpy(), d["y"].to_numpy(), d["site"].to_numpy() - 1
+
+
+def two_site_model(tau: float | None) -> pm.Model:
+    X, y, site = _two_site_data()
+    with pm.Model(coords={"site": [1, 2], "coef": [f"x{i}" for i in range(1, 11)]}) as model:
+        beta = pm.Normal("beta", 0.0, 10.0, dims="coef")
+        tau_var = tau if tau is not None else pm.HalfNormal("tau", 2.0)
+        mu = pm.Normal("mu", 0.0, tau_var, dims="site")
+        pm.Bernoulli("y", logit_p=pt.dot(X, beta) + mu[site], observed=y)
+    return model
+
+
+def _aghq_log_marginal(params: np.ndarray, X, y, site, n_nodes: int, tau: float | None) -> float:
+    """Adaptive Gauss-Hermite quadrature over each site's intercept (numpy only, independent of the package)."""
+    beta = params[:10]
+    tau_value = tau if tau is not None else np.exp(params[10])
+    nodes, weights = np.polynomial.hermite.hermgauss(n_nodes)
+    total = 0.0
+    for s in (0, 1):
+        eta0 = X[site == s] @ beta
+        ys = y[site == s]
+
+        def log_joint(m, eta0=eta0, ys=ys):
+            eta = eta0[:, None] + np.atleast_1d(m)[None, :]
+            loglik = np.sum(ys[:, None] * eta - np.logaddexp(0.0, eta), axis=0)
+            return loglik - 0.5 * (np.atleast_1d(m) / tau_value) ** 2 - np.log(tau_value) - 0.5 * np.log(2 * np.pi)
+
+        mode = 0.0
+        for _ in range(100):  # Newton on the intercept
+            p = special.expit(eta0 + mode)
+            grad = np.sum(ys - p) - mode / tau_value**2
+            hess = -np.sum(p * (1 - p)) - 1 / tau_value**2
+            mode -= grad / hess
+            if abs(grad) < 1e-12:
+                break
+        p = special.expit(eta0 + mode)
+        scale = 1.0 / np.sqrt(np.sum(p * (1 - p)) + 1 / tau_value**2)
+        points = mode + np.sqrt(2.0) * scale * nodes
+        total += special.logsumexp(log_joint(points) + nodes**2, b=weights) + np.log(np.sqrt(2.0) * scale)
+    return total
+
+
+@pytest.mark.parametrize("tau", [1.0, None])
+def test_two_site_matches_adaptive_quadrature(tau):
+    """One AGHQ node per site is the Laplace approximation: the optimum must agree with an independent numpy fit.
+
+    Twenty-five nodes give the (near) exact marginal: the Laplace estimates must be close to it as well. With
+    tau estimated, only two sites inform it and its maximum-likelihood estimate runs to 0, so that variant is
+    fitted with method="map" (tau's HalfNormal(2) prior and the log-Jacobian of log tau added on both sides).
+    """
+    X, y, site = _two_site_data()
+    method = "ml" if tau is not None else "map"
+    result = fit_integrated_laplace(
+        two_site_model(tau), random=["mu"], method=method, draws=20, chains=1, progressbar=False
+    )
+    ours = get_group(result, "fit")["mean_vector"].values
+
+    def log_prior(prm):
+        if tau is not None:
+            return 0.0
+        log_tau = prm[10]  # MAP adds every outer prior: beta ~ N(0, 10^2) and tau ~ HalfNormal(2) on log scale
+        beta_prior = np.sum(stats.norm(0.0, 10.0).logpdf(prm[:10]))
+        return float(beta_prior + stats.halfnorm(scale=2.0).logpdf(np.exp(log_tau)) + log_tau)
+
+    for n_nodes, tol in ((1, 1e-4), (25, 5e-2)):
+        reference = optimize.minimize(
+            lambda prm, n=n_nodes: -_aghq_log_marginal(prm, X, y, site, n, tau) - log_prior(prm), ours,
+            method="BFGS", options={"gtol": 1e-8},
+        ).x  # fmt: skip
+        np.testing.assert_allclose(ours, reference, atol=tol)
+
+
+def test_two_site_ml_reports_that_tau_is_not_identified():
+    """Two sites cannot identify the random-intercept scale by maximum likelihood: the flat direction is named."""
+    with pytest.raises(HessianNotPositiveDefiniteError, match=r"tau_log__"):
+        fit_integrated_laplace(two_site_model(None), random=["mu"], draws=10, chains=1, progressbar=False)
+
+
+# ---------------------------------------------------------------------------------------------------- urchin
+@pytest.fixture(scope="module")
+def urchin():
+    model = urchin_model()
+    return model, marginal(model, random=["log_g", "log_p"])
+
+
+@pytest.mark.parametrize(
+    ("theta", "aic"),
+    [
+        ((-4.0, -0.2, np.log(0.1), 0.2, np.log(0.1), np.log(0.5)), 206.1558),
+        ((-4.0676, -0.18946, -1.81267, 0.16382, -1.62341, -1.21295), 196.7140),
+        pytest.param(
+            (-3.82094, -0.24651, -1.81844, 0.16976, -1.62773, -1.13068), 196.6543,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="our inner Newton reaches a conditional mode giving AIC 197.1901 (checked against a dense "
+                "Hessian at that mode); TMB's 196.6543 comes from another local mode of this piecewise model. "
+                "Multi-start of the inner blocks is open work.",
+            ),
+        ),
+    ],
+)
+def test_urchin_marginal_matches_tmb(urchin, theta, aic):
+    """TMB Laplace AIC (tmb_urchin.R with urchin.cpp) at the reference table's three thetas, to 1e-3."""
+    _, laplace = urchin
+    point = dict(zip(URCHIN_THETA_KEYS, map(np.asarray, theta), strict=True))
+    assert 2 * (-laplace.logp(point)) + 12 == pytest.approx(aic, abs=1e-3)
+
+
+def test_urchin_ml_fit_is_at_least_as_good_as_published(urchin):
+    """From the seed's start; the objective is only piecewise smooth, so non-convergence must be reported."""
+    model, _ = urchin
+    initvals = {"log_omega": -4.0, "mu_g": -0.2, "sig_g": 0.1, "mu_p": 0.2, "sig_p": 0.1, "sigma": 0.5}
+    try:
+        result = fit_integrated_laplace(
+            model, random=["log_g", "log_p"], initvals=initvals, draws=10, chains=1, progressbar=False
+        )
+    except HessianNotPositiveDefiniteError as err:  # reported like TMB's pdHess = FALSE, with the estimate
+        assert 2 * (-err.objective) + 12 <= 196.7140 + 1e-3
+        return
+    fit = get_group(result, "fit")
+    assert float(fit["aic"]) <= 196.7140 + 1e-3
+    opt = get_group(result, "optimizer_result")
+    if not bool(opt["success"]):
+        assert "not converged" in str(opt["message"].values)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_random_must_name_free_continuous_variables():
+    with pytest.raises(ModelSpecificationError, match=r"`random` names 'y'"):
+        marginal(cbpp_model(), random=["y"])
+
+
+def test_inner_failure_names_theta_and_gradient():
+    """A random effect with a Flat 'prior' and no data: the inner mode does not exist."""
+    with pm.Model() as model:
+        s = pm.HalfNormal("s", 1.0)
+        u = pm.Flat("u", shape=2)
+        pm.Normal("y", u[0], s, observed=[0.3, 0.1])
+        pm.Potential("drift", u[1])  # log density increasing without bound in u[1]
+    laplace = marginal(model, random=["u"])
+    with pytest.raises(InnerSolveError, match=r"(?s)theta = \{s_log__: 0\}.*u\[1\]"):
+        laplace.logp({"s_log__": np.array(0.0)})
+
+
+def test_marginal_hessian_not_positive_definite_names_the_direction():
+    """Two outer parameters that only enter as a sum: the marginal is flat along a - b."""
+    with pm.Model() as model:
+        a = pm.Normal("a", 0.0, 1.0)
+        b = pm.Normal("b", 0.0, 1.0)
+        u = pm.Normal("u", 0.0, 1.0, shape=3)
+        pm.Poisson("y", pt.exp(a + b + u[[0, 0, 1, 1, 2, 2]]), observed=[1, 2, 0, 3, 4, 1])
+    with pytest.raises(HessianNotPositiveDefiniteError, match=r"0\.707 \* [ab] [+-] 0\.707 \* [ab]"):
+        fit_integrated_laplace(model, random=["u"], progressbar=False)
