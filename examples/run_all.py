@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXAMPLES = ["bioassay"]  # one line per example module (and notebook of the same name, if any)
+EXAMPLES = ["bioassay", "random_effects"]  # one line per example module (and notebook of the same name, if any)
 
 
 def run_notebook(path: Path, out_dir: Path) -> None:
