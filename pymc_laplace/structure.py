@@ -180,6 +180,8 @@ def _propagate(
 
     if isinstance(op, CAReduce):
         in_value = _value(node.inputs[0], value_of)
+        if in_value.ndim == 0:  # reducing a scalar is the identity
+            return [deps[node.inputs[0]]], []
         axes = tuple(range(in_value.ndim)) if op.axis is None else tuple(a % in_value.ndim for a in op.axis)
         keep = [a for a in range(in_value.ndim) if a not in axes]
         coords = np.indices(in_value.shape).reshape(in_value.ndim, -1)

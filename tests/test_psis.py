@@ -13,28 +13,28 @@ from pymc_laplace import fit_laplace, importance_resample, pareto_smooth
 from pymc_laplace._compat import RETURNS_DATATREE, get_group
 
 
-def _reference_psis(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
-    """ArviZ's PSIS (an independent implementation of the same published algorithm)."""
-    if RETURNS_DATATREE:
-        from arviz_stats.base import array_stats
-
-        lw, k = array_stats.psislw(log_ratios, r_eff=1.0)
-    else:
-        import arviz as az
-
-        lw, k = az.psislw(log_ratios, reff=1.0)
-    return np.asarray(lw), float(k)
-
-
 @pytest.mark.parametrize("true_k", [0.2, 0.5, 0.9])
-def test_khat_matches_arviz_and_truth(true_k):
+def test_khat_recovers_the_true_tail_shape(true_k):
+    """Importance ratios drawn from a generalized Pareto with shape k: k-hat estimates k."""
     rng = np.random.default_rng(int(true_k * 10))
     log_ratios = np.log(stats.genpareto(c=true_k).rvs(size=4000, random_state=rng))
     ours = pareto_smooth(log_ratios)
-    lw_ref, k_ref = _reference_psis(log_ratios)
-    assert ours.pareto_k == pytest.approx(k_ref, abs=1e-6)
-    np.testing.assert_allclose(ours.log_weights, lw_ref - np.logaddexp.reduce(lw_ref), atol=1e-8)
     assert ours.pareto_k == pytest.approx(true_k, abs=0.15)
+    assert np.exp(ours.log_weights).sum() == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.skipif(RETURNS_DATATREE, reason="arviz 1.x has no drop-in psislw with the same conventions")
+@pytest.mark.parametrize("true_k", [0.2, 0.5, 0.9])
+def test_psis_matches_arviz(true_k):
+    """ArviZ 0.x's PSIS is an independent implementation of the same published algorithm."""
+    import arviz as az
+
+    rng = np.random.default_rng(int(true_k * 10))
+    log_ratios = np.log(stats.genpareto(c=true_k).rvs(size=4000, random_state=rng))
+    ours = pareto_smooth(log_ratios)
+    lw_ref, k_ref = az.psislw(log_ratios, reff=1.0)
+    assert ours.pareto_k == pytest.approx(float(k_ref), abs=1e-6)
+    np.testing.assert_allclose(ours.log_weights, lw_ref - np.logaddexp.reduce(lw_ref), atol=1e-8)
 
 
 @pytest.fixture(scope="module")
