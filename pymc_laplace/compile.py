@@ -15,8 +15,7 @@ import pymc as pm
 import pytensor
 import pytensor.tensor as pt
 from pymc.pytensorf import compile as compile_graph
-from pymc.pytensorf import constant_fold
-from pymc.pytensorf import join_nonshared_inputs
+from pymc.pytensorf import constant_fold, join_nonshared_inputs
 from pytensor.scalar.math import Sigmoid
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
@@ -511,21 +510,21 @@ def compile_split(
     natural_flat = pt.concatenate([pt.flatten(v) for v in natural_values]) if natural_values else pt.zeros(0)
     [l_b, prior_b, natural_b], b = join_nonshared_inputs(point, [joint_density, prior_density, natural_flat], b_values)
     if theta_values:
-        [l, prior, natural], theta = join_nonshared_inputs(point, [l_b, prior_b, natural_b], theta_values)
+        [joint_lp, prior, natural], theta = join_nonshared_inputs(point, [l_b, prior_b, natural_b], theta_values)
     else:
-        l, prior, natural, theta = l_b, prior_b, natural_b, pt.vector("theta_empty")
+        joint_lp, prior, natural, theta = l_b, prior_b, natural_b, pt.vector("theta_empty")
     b.name, theta.name = "b", "theta"
 
     theta_start = theta_layout.join(point) if theta_values else np.zeros(0)
-    pattern = hessian_pattern(l, b, {b: b_layout.join(point), theta: theta_start})
+    pattern = hessian_pattern(joint_lp, b, {b: b_layout.join(point), theta: theta_start})
     colors = color_columns(pattern)
     n_colors = int(colors.max()) + 1 if colors.size else 0
     indicators = pt.constant(np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0)))  # (K, n_b)
-    grad_b = pt.grad(l, b)
+    grad_b = pt.grad(joint_lp, b)
     hv = pt.stack([pt.grad(pt.sum(grad_b * indicators[c]), b) for c in range(n_colors)])
     compressed_inverse = pt.matrix("compressed_inverse")
     phi = -pt.sum(compressed_inverse * hv)
-    grad_theta = pt.grad(l, theta, disconnected_inputs="ignore")
+    grad_theta = pt.grad(joint_lp, theta, disconnected_inputs="ignore")
     dphi_db, dphi_dtheta = pt.grad(phi, [b, theta], disconnected_inputs="ignore")
     w = pt.vector("w")
     mixed = pt.grad(pt.sum(w * grad_b), theta, disconnected_inputs="ignore")
@@ -553,8 +552,8 @@ def compile_split(
         b_start=b_layout.join(point),
         pattern=pattern,
         colors=colors,
-        joint_value=lazy([b, theta], l),
-        joint_newton=lazy([b, theta], [l, grad_b, hv]),
+        joint_value=lazy([b, theta], joint_lp),
+        joint_newton=lazy([b, theta], [joint_lp, grad_b, hv]),
         outer_terms=lazy([b, theta, compressed_inverse], [grad_theta, dphi_db, dphi_dtheta]),
         mixed_product=lazy([b, theta, w], mixed),
         cross_hessian=lazy([b, theta], cross),

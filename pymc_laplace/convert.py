@@ -50,7 +50,7 @@ def _base_attrs() -> dict[str, Any]:
     import pymc_laplace
 
     return {
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
         "inference_library": "pymc_laplace",
         "inference_library_version": pymc_laplace.__version__,
         "pymc_version": pm.__version__,

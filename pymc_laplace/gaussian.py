@@ -41,7 +41,7 @@ class Gaussian:
 
     def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         """Draws of shape ``shape + (n,)``."""
-        z = rng.standard_normal(shape + (self.dim,))
+        z = rng.standard_normal((*shape, self.dim))
         return self.mean + z @ self.covariance_cholesky.T
 
     def logpdf(self, x: np.ndarray) -> np.ndarray:
@@ -118,7 +118,7 @@ def describe_direction(vector: np.ndarray, labels: Sequence[str], max_terms: int
     order = [i for i in order if abs(vector[i]) >= 0.05 * abs(vector[order[0]])]
     terms = []
     for k, i in enumerate(order):
-        coef = vector[i] if k > 0 or vector[i] >= 0 else vector[i]
+        coef = vector[i]
         sign = "-" if coef < 0 else "+"
         terms.append(f"{sign} {abs(coef):.3f} * {labels[i]}" if k else f"{coef:.3f} * {labels[i]}")
     return " ".join(terms)

@@ -170,7 +170,9 @@ class OuterOptimizer:
             time.perf_counter() - start,
         )  # fmt: skip
 
-    def hessian(self, value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], theta: np.ndarray) -> np.ndarray:
+    def hessian(
+        self, value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], theta: np.ndarray
+    ) -> np.ndarray:
         """Central differences of the exact gradient, step ``hessian_step * max(1, |theta_i|)``, symmetrised."""
         n = theta.size
         out = np.empty((n, n))

@@ -127,7 +127,7 @@ def fit_laplace(
         "method": "laplace",
         "jacobian": int(jacobian),
         "ridge": float(ridge),
-        "approximated_variables": [layout.names[i] for i in range(len(layout.names)) if layout.names[i] in selected_names],
+        "approximated_variables": [name for name in layout.names if name in selected_names],
     }
     return build_result(
         posterior=posterior,
@@ -163,7 +163,7 @@ def optimizer_stats(result: OptimizerResult) -> dict[str, Any]:
 def find_mode(compiled: CompiledJoint, optimizer: NewtonOptimizer, *, progressbar: bool) -> OptimizerResult:
     """Maximise the compiled log density from its start point; raise with a useful message unless converged."""
     layout = compiled.layout
-    f0, g0, h0 = compiled.value_grad_hess(compiled.start)
+    f0, g0, _ = compiled.value_grad_hess(compiled.start)
     if not (np.isfinite(f0) and np.all(np.isfinite(g0))):
         bad = [layout.labels[i] for i in np.flatnonzero(~np.isfinite(g0))]
         raise StartPointError(

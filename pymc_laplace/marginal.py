@@ -196,7 +196,11 @@ class LaplaceMarginal:
         raise InnerSolveError(
             f"The inner Newton solve for the random effects did not converge at theta = {self._describe(theta)}: "
             f"after {step} steps max|dl/db| = {grad_norm:.3g} (at {labels[worst]}; gtol {inner.gtol:g})"
-            + (f"; the Hessian block of {[labels[i] for i in bad_blocks[:5]]} is not negative definite" if bad_blocks.size else "")
+            + (
+                f"; the Hessian block of {[labels[i] for i in bad_blocks[:5]]} is not negative definite"
+                if bad_blocks.size
+                else ""
+            )
             + ". The conditional mode may not exist there (e.g. a random effect that the data do not constrain "
             "with a variance that is too large); check the model or start the outer parameters elsewhere."
         )

@@ -263,7 +263,7 @@ def _fallback(
     union = _union([deps[i] for i in node.inputs if i in deps])
     row = sp.csr_matrix(union.sum(axis=0).astype(bool))
     outputs = []
-    for out in node.outputs:
+    for _ in node.outputs:
         size = out_size if out_size is not None else 1
         outputs.append(sp.csr_matrix(sp.vstack([row] * max(size, 1)).astype(bool)))
     return outputs, [row]

@@ -11,6 +11,7 @@ import pandas as pd
 import pymc as pm
 import pytensor.tensor as pt
 import pytest
+from conftest import shared_path
 from scipy import optimize, special, stats
 
 from pymc_laplace import (
@@ -22,8 +23,6 @@ from pymc_laplace import (
     summary,
 )
 from pymc_laplace._compat import get_group
-
-from conftest import shared_path
 
 
 # ---------------------------------------------------------------------------------------------------- models

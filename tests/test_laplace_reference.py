@@ -67,9 +67,8 @@ def test_conjugate_gaussian_is_exact(conjugate_regression):
     np.testing.assert_allclose(diff, evidence, rtol=1e-8)
 
 
-def test_vars_gives_the_conditional_gaussian(conjugate_regression):
+def test_vars_gives_the_conditional_gaussian():
     """With ``vars`` the other variables stay at the mode; the Gaussian is the exact conditional of ``vars``."""
-    model, mean, cov, _ = conjugate_regression
     with pm.Model() as two:
         a = pm.Normal("a", 0.0, 1.0)
         b = pm.Normal("b", 0.0, 1.0)
@@ -133,7 +132,7 @@ def test_matrix_variable_and_lkj_cholesky():
     true_cov = np.array([[1.0, 0.6], [0.6, 2.0]])
     data = rng.multivariate_normal([0.0, 0.0], true_cov, size=200)
     with pm.Model(coords={"axis": ["u", "v"]}) as model:
-        chol, corr, sds = pm.LKJCholeskyCov("chol", n=2, eta=2.0, sd_dist=pm.Exponential.dist(1.0), compute_corr=True)
+        chol, _, _ = pm.LKJCholeskyCov("chol", n=2, eta=2.0, sd_dist=pm.Exponential.dist(1.0), compute_corr=True)
         mu = pm.Normal("mu", 0.0, 5.0, dims="axis")
         pm.MvNormal("obs", mu=mu, chol=chol, observed=data)
     result = fit_laplace(model, draws=300, chains=2, random_seed=5, progressbar=False)
