@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-import matplotlib
 import pytest
 
-matplotlib.use("Agg")
+os.environ.setdefault("MPLBACKEND", "Agg")  # a page that plots must not need a display
 
 DOCS = sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
