@@ -29,7 +29,7 @@ try:  # pytensor >= 2.3x moved graph walks to pytensor.graph.traversal
     from pytensor.graph.traversal import graph_inputs, io_toposort
 except ImportError:  # pragma: no cover
     from pytensor.graph.basic import graph_inputs, io_toposort
-from pytensor.tensor.basic import Alloc, Join, MakeVector
+from pytensor.tensor.basic import Alloc, Join, MakeVector, Split
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.math import Dot, Sum
 from pytensor.tensor.shape import Reshape, SpecifyShape
@@ -49,7 +49,10 @@ _MAPPING_OPS = (DimShuffle, Subtensor, AdvancedSubtensor1, AdvancedSubtensor, Re
 def _is_identity_like(op: Any) -> bool:
     """Checks and asserts (PyMC's parameter checks) return their first input unchanged."""
     name = type(op).__name__
-    return name in ("CheckParameterValue", "Assert", "CheckAndRaise", "ViewOp", "OutputGuard", "DeepCopyOp")
+    return name in (
+        "CheckParameterValue", "Assert", "CheckAndRaise", "ViewOp", "OutputGuard", "DeepCopyOp", "ScalarFromTensor",
+        "TensorFromScalar",
+    )  # fmt: skip
 
 
 def hessian_pattern(
@@ -125,12 +128,17 @@ def _mapping_matrix(index_map: np.ndarray, in_size: int) -> sp.csr_matrix:
 
 def _run_on_indices(node: Any, position: int, value_of: Mapping[Variable, np.ndarray]) -> np.ndarray:
     """Run the node's op with input ``position`` replaced by the (float) indices of its elements."""
+    return _run_all_on_indices(node, position, value_of)[0]
+
+
+def _run_all_on_indices(node: Any, position: int, value_of: Mapping[Variable, np.ndarray]) -> list[np.ndarray]:
+    """Every output of the node's op, run with input ``position`` replaced by the indices of its elements."""
     args = [_value(i, value_of) for i in node.inputs]
     shape = np.shape(args[position])
     args[position] = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.float64).reshape(shape)
     storage = [[None] for _ in node.outputs]
     node.op.perform(node, args, storage)
-    return np.asarray(storage[0][0])
+    return [np.asarray(cell[0]) for cell in storage]
 
 
 def _union(matrices: list[sp.csr_matrix]) -> sp.csr_matrix:
@@ -148,6 +156,11 @@ def _propagate(
     out_value = value_of.get(node.outputs[0])
     out_size = int(np.size(out_value)) if out_value is not None else None
     dependent = [k for k, i in enumerate(node.inputs) if i in deps]
+
+    if all(not str(getattr(out.type, "dtype", "float")).startswith(("float", "complex")) for out in node.outputs):
+        # comparisons, masks and indices: no derivative flows through them
+        empty = [sp.csr_matrix((max(int(np.size(value_of.get(out, 0))), 1), n), dtype=bool) for out in node.outputs]
+        return empty, []
 
     if _is_identity_like(op) and 0 in dependent:
         return [deps[node.inputs[0]]] + [None] * (len(node.outputs) - 1), []
@@ -178,6 +191,11 @@ def _propagate(
         in_size = int(np.size(_value(node.inputs[0], value_of)))
         return [_mapping_matrix(index, in_size) @ deps[node.inputs[0]]], []
 
+    if isinstance(op, Split) and dependent == [0]:  # each output is a slice of the input
+        in_size = int(np.size(_value(node.inputs[0], value_of)))
+        pieces = _run_all_on_indices(node, 0, value_of)
+        return [_mapping_matrix(piece, in_size) @ deps[node.inputs[0]] for piece in pieces], []
+
     if isinstance(op, CAReduce):
         in_value = _value(node.inputs[0], value_of)
         if in_value.ndim == 0:  # reducing a scalar is the identity
@@ -200,7 +218,7 @@ def _propagate(
         mapped = []
         for k in dependent:
             if k < start:
-                return _fallback(node, deps, out_size, n)
+                return _fallback(node, deps, value_of, n)
             index = _run_on_indices_join(node, k, value_of)
             mask = index >= 0
             in_size = int(np.size(_value(node.inputs[k], value_of)))
@@ -229,9 +247,9 @@ def _propagate(
             d_out = sp.csr_matrix((mapping @ deps[node.inputs[k]]).astype(bool))
             if d_out.shape[0] == out_size:
                 return [d_out], []
-        return _fallback(node, deps, out_size, n)
+        return _fallback(node, deps, value_of, n)
 
-    return _fallback(node, deps, out_size, n)
+    return _fallback(node, deps, value_of, n)
 
 
 def _run_on_indices_join(node: Any, position: int, value_of: Mapping[Variable, np.ndarray]) -> np.ndarray:
@@ -251,7 +269,7 @@ def _run_on_indices_join(node: Any, position: int, value_of: Mapping[Variable, n
 
 
 def _fallback(
-    node: Any, deps: Mapping[Variable, sp.csr_matrix], out_size: int | None, n: int
+    node: Any, deps: Mapping[Variable, sp.csr_matrix], value_of: Mapping[Variable, np.ndarray], n: int
 ) -> tuple[list[sp.csr_matrix | None], list[sp.csr_matrix]]:
     """Every output element depends on everything any input depends on; the op is treated as nonlinear."""
     warnings.warn(
@@ -263,8 +281,8 @@ def _fallback(
     union = _union([deps[i] for i in node.inputs if i in deps])
     row = sp.csr_matrix(union.sum(axis=0).astype(bool))
     outputs = []
-    for _ in node.outputs:
-        size = out_size if out_size is not None else 1
+    for out in node.outputs:
+        size = int(np.size(value_of[out])) if out in value_of else 1
         outputs.append(sp.csr_matrix(sp.vstack([row] * max(size, 1)).astype(bool)))
     return outputs, [row]
 
