@@ -3,8 +3,8 @@
 The matrix ``Q`` (the negative Hessian of the joint log density in the random effects) has a sparsity pattern
 found from the model graph and a column colouring; ``K`` products ``H @ d_c`` give all its entries. When the
 pattern splits into small independent blocks (one per group), everything is done block by block with batched
-dense factorisations: cost and memory linear in the number of groups. A pattern that does not split is handled
-densely while it is small.
+dense factorisations: cost and memory linear in the number of groups. A pattern with a large connected block goes to
+``pymc_laplace.sparse`` instead.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
+
+from pymc_laplace.errors import ModelSpecificationError
 
 # Above this many random effects in one connected block, dense algebra is refused (it would be quadratic).
 MAX_DENSE_BLOCK = 3000
@@ -57,10 +59,9 @@ def block_structure(pattern: sp.spmatrix, colors: np.ndarray) -> BlockStructure:
     order = np.argsort(labels, kind="stable")
     sizes = np.bincount(labels, minlength=n_comp)
     if sizes.max(initial=0) > MAX_DENSE_BLOCK:
-        raise NotImplementedError(
-            f"The Hessian of the random effects has a connected block of {sizes.max()} elements; dense algebra "
-            f"is limited to {MAX_DENSE_BLOCK}. Sparse Cholesky for such models (e.g. random walks, spatial "
-            "effects) is not available yet."
+        raise ModelSpecificationError(
+            f"The Hessian of the random effects has a connected block of {sizes.max()} elements; dense blocks "
+            f"are limited to {MAX_DENSE_BLOCK}. Use InnerNewton(factorization='auto') (sparse Cholesky)."
         )
     starts = np.concatenate([[0], np.cumsum(sizes)])
     members = [order[starts[c] : starts[c + 1]] for c in range(n_comp)]

@@ -17,15 +17,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
-from pymc_laplace.blocks import BlockFactor, block_structure, damped_blocks, factor_blocks
+from pymc_laplace.blocks import BlockFactor, BlockStructure, block_structure, damped_blocks, factor_blocks
 from pymc_laplace.compile import CompiledSplit
-from pymc_laplace.errors import LaplaceError
+from pymc_laplace.errors import LaplaceError, ModelSpecificationError
+from pymc_laplace.sparse import (
+    SparseFactor,
+    SparsePattern,
+    cholmod_available,
+    damped_sparse,
+    factor_sparse,
+    sparse_pattern,
+)
 
 LOG_2PI = float(np.log(2.0 * np.pi))
+
+# With factorization="auto", connected blocks of Q up to this size are factorised densely (batched by size);
+# a larger connected block sends Q to a sparse Cholesky.
+LARGEST_DENSE_BLOCK = 200
 
 
 class InnerSolveError(LaplaceError):
@@ -41,10 +55,17 @@ class InnerNewton:
     gtol : float
         Converged when ``max |dl/db| <= gtol``.
     max_steps : int
+    factorization : {"auto", "blocks", "cholmod", "superlu"}
+        How ``Q = -d2l/db2`` is factorised. ``"blocks"``: batched dense Cholesky of its independent blocks (one
+        per group for random intercepts and slopes); ``"cholmod"``: sparse Cholesky by CHOLMOD (the ``sparse``
+        extra, scikit-sparse); ``"superlu"``: sparse Cholesky from SciPy's SuperLU in symmetric mode.
+        ``"auto"`` takes blocks when no connected block exceeds 200 random effects, else CHOLMOD when it is
+        installed, else SuperLU.
     """
 
     gtol: float = 1e-9
     max_steps: int = 100
+    factorization: Literal["auto", "blocks", "cholmod", "superlu"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,7 @@ class InnerSolution:
         The mode ``b^(theta)``.
     joint_logp : float
         ``l(b^, theta)``.
-    factor : BlockFactor
+    factor : BlockFactor or SparseFactor
         Cholesky factors of ``Q(b^, theta)``.
     n_steps : int
     grad_norm : float
@@ -67,7 +88,7 @@ class InnerSolution:
     theta: np.ndarray
     b: np.ndarray
     joint_logp: float
-    factor: BlockFactor
+    factor: BlockFactor | SparseFactor
     n_steps: int
     grad_norm: float
 
@@ -99,7 +120,7 @@ class LaplaceMarginal:
     inner: InnerNewton = field(default_factory=InnerNewton)
 
     def __post_init__(self) -> None:
-        self.structure = block_structure(self.compiled.pattern, self.compiled.colors)
+        self.structure = choose_structure(self.compiled.pattern, self.compiled.colors, self.inner.factorization)
         self._warm_start = self.compiled.b_start.copy()
         self._last: InnerSolution | None = None
 
@@ -166,7 +187,7 @@ class LaplaceMarginal:
                 )
             q = -hv
             grad_norm = float(np.max(np.abs(grad), initial=0.0))
-            factor, bad_blocks = factor_blocks(self.structure, q)
+            factor, bad_blocks = _factor(self.structure, q)
             # The log-determinant depends on b to first order, so b^ must be accurate: iterate to gtol, and
             # accept "floating-point precision" only when full Newton steps stop reducing a small gradient.
             stalled = stalled + 1 if grad_norm >= 0.5 * best_norm else 0
@@ -177,7 +198,7 @@ class LaplaceMarginal:
                 break
             if factor is None:
                 scale = float(np.max(np.abs(q), initial=1.0))
-                factor = damped_blocks(self.structure, q, min_eig=1e-6 * scale)
+                factor = _damped(self.structure, q, min_eig=1e-6 * scale)
             direction = factor.solve(grad)
             slope = float(grad @ direction)
             t = 1.0
@@ -208,3 +229,39 @@ class LaplaceMarginal:
     def _describe(self, theta: np.ndarray) -> str:
         labels = self.compiled.theta_layout.labels
         return "{" + ", ".join(f"{lab}: {v:.6g}" for lab, v in zip(labels, theta, strict=True)) + "}"
+
+
+def choose_structure(
+    pattern: sp.spmatrix, colors: np.ndarray, factorization: str
+) -> BlockStructure | SparsePattern:
+    """The structure the factorisations of ``Q`` work with, as ``InnerNewton.factorization`` asks."""
+    choices = ("auto", "blocks", "cholmod", "superlu")
+    if factorization not in choices:
+        raise ModelSpecificationError(f"factorization={factorization!r}; choose one of {choices}.")
+    if factorization == "cholmod" and not cholmod_available():
+        raise ModelSpecificationError(
+            "factorization='cholmod' needs scikit-sparse: `pip install pymc_laplace[sparse]` (on Debian first "
+            "`apt-get install libsuitesparse-dev`), or use factorization='superlu'."
+        )
+    if factorization == "auto":
+        _, labels = connected_components(sp.csr_matrix(pattern, dtype=bool), directed=False)
+        largest = int(np.bincount(labels).max(initial=0))
+        if largest <= LARGEST_DENSE_BLOCK:
+            factorization = "blocks"
+        else:
+            factorization = "cholmod" if cholmod_available() else "superlu"
+    if factorization == "blocks":
+        return block_structure(pattern, colors)
+    return sparse_pattern(pattern, colors, factorization)
+
+
+def _factor(structure: BlockStructure | SparsePattern, q: np.ndarray):
+    if isinstance(structure, SparsePattern):
+        return factor_sparse(structure, q)
+    return factor_blocks(structure, q)
+
+
+def _damped(structure: BlockStructure | SparsePattern, q: np.ndarray, min_eig: float):
+    if isinstance(structure, SparsePattern):
+        return damped_sparse(structure, q, min_eig)
+    return damped_blocks(structure, q, min_eig)
