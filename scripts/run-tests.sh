@@ -25,6 +25,11 @@ for entry in "${lines[@]}"; do
   fi
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 \
     | grep -v "^WARNING: Location" || true
+  # The optional CHOLMOD backend is tested where SuiteSparse's headers are present (its SuperLU fallback always).
+  if [ -f /usr/include/suitesparse/cholmod.h ] && ! "$venv/bin/python" -c "import sksparse.cholmod" 2>/dev/null; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,sparse]" 2>&1 \
+      | grep -v "^WARNING: Location" || echo "(scikit-sparse did not build: CHOLMOD tests will be skipped)"
+  fi
   "$venv/bin/python" -c "import pymc, pytensor, arviz; print('pymc', pymc.__version__, '| pytensor', pytensor.__version__, '| arviz', arviz.__version__)"
   "$venv/bin/python" -m pytest "$@"
   rc=$?
