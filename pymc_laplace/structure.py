@@ -214,7 +214,7 @@ def _propagate(
         return [d_out], [] if linear else [d_out]
 
     if isinstance(op, (Join, MakeVector)):
-        start = 1 if isinstance(op, Join) else 0
+        start = 1 if _has_axis_input(node) else 0
         mapped = []
         for k in dependent:
             if k < start:
@@ -252,11 +252,17 @@ def _propagate(
     return _fallback(node, deps, value_of, n)
 
 
+def _has_axis_input(node: Any) -> bool:
+    """pytensor 2's Join takes the axis as its first input; pytensor 3's holds it as a property."""
+    first = node.inputs[0] if node.inputs else None
+    return isinstance(node.op, Join) and first is not None and first.type.ndim == 0 and "int" in first.type.dtype
+
+
 def _run_on_indices_join(node: Any, position: int, value_of: Mapping[Variable, np.ndarray]) -> np.ndarray:
     """For concatenations: index of input ``position``'s element at each output element, -1 elsewhere."""
     args = [_value(i, value_of) for i in node.inputs]
     for k, arg in enumerate(args):
-        if isinstance(node.op, Join) and k == 0:
+        if k == 0 and _has_axis_input(node):
             continue
         shape = np.shape(arg)
         if k == position:
@@ -278,8 +284,7 @@ def _fallback(
         UserWarning,
         stacklevel=3,
     )
-    union = _union([deps[i] for i in node.inputs if i in deps])
-    row = sp.csr_matrix(union.sum(axis=0).astype(bool))
+    row = _union([sp.csr_matrix(deps[i].sum(axis=0).astype(bool)) for i in node.inputs if i in deps])
     outputs = []
     for out in node.outputs:
         size = int(np.size(value_of[out])) if out in value_of else 1
