@@ -120,6 +120,30 @@ RANDOM_EFFECTS = [
         "theta = np.array([-4.0676, -0.18946, -1.81267, 0.16382, -1.62341, -1.21295])\n"
         "print('AIC', 2 * (-urchins.value(theta)) + 12)"
     ),
+    new_markdown_cell(
+        "## A random walk: one connected block, sparse Cholesky\n\nA Gaussian random walk observed with noise\n"
+        "couples all its states (a tridiagonal Hessian, found from the graph). The Laplace approximation is exact\n"
+        "here, so the marginal must equal the multivariate normal density of the data."
+    ),
+    new_code_cell(
+        "import pymc as pm\n"
+        "from scipy import stats\n"
+        "rng = np.random.default_rng(11)\n"
+        "n = 400\n"
+        "y = np.cumsum(rng.normal(0.0, 0.3, n)) + rng.normal(0.0, 0.5, n)\n"
+        "with pm.Model() as walk_model:\n"
+        "    sigma_walk = pm.HalfNormal('sigma_walk', 1.0)\n"
+        "    sigma_obs = pm.HalfNormal('sigma_obs', 1.0)\n"
+        "    x = pm.GaussianRandomWalk('x', sigma=sigma_walk, init_dist=pm.Normal.dist(0.0, 1.0), steps=n - 1)\n"
+        "    pm.Normal('y', x, sigma_obs, observed=y)\n"
+        "walk = marginal(walk_model, random=['x'])\n"
+        "structure = walk.structure\n"
+        "print(type(structure).__name__, structure.backend, '; colours:', structure.colors.max() + 1)\n"
+        "t = np.arange(n)\n"
+        "cov = 1.0 + 0.3**2 * np.minimum.outer(t, t) + 0.5**2 * np.eye(n)\n"
+        "exact = stats.multivariate_normal(np.zeros(n), cov).logpdf(y)\n"
+        "print('Laplace', walk.value(np.log([0.3, 0.5])), ' exact', exact)"
+    ),
 ]
 
 
