@@ -42,6 +42,14 @@ class BlockStructure:
     colors: np.ndarray
     masks: tuple[np.ndarray, ...]
 
+    def factor(self, q_compressed: np.ndarray) -> tuple[BlockFactor | None, np.ndarray]:
+        """Cholesky of every block of ``Q``; ``(factor or None, indices of blocks that are not PD)``."""
+        return factor_blocks(self, q_compressed)
+
+    def damped(self, q_compressed: np.ndarray, min_eig: float) -> BlockFactor:
+        """Cholesky of every block of ``Q``, shifted where needed to a smallest eigenvalue of ``min_eig``."""
+        return damped_blocks(self, q_compressed, min_eig)
+
     @property
     def largest_block(self) -> int:
         return max((g.shape[1] for g in self.groups), default=0)

@@ -23,17 +23,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from pymc_laplace.blocks import BlockFactor, BlockStructure, block_structure, damped_blocks, factor_blocks
+from pymc_laplace.blocks import BlockFactor, BlockStructure, block_structure
 from pymc_laplace.compile import CompiledSplit
 from pymc_laplace.errors import LaplaceError, ModelSpecificationError
-from pymc_laplace.sparse import (
-    SparseFactor,
-    SparsePattern,
-    cholmod_available,
-    damped_sparse,
-    factor_sparse,
-    sparse_pattern,
-)
+from pymc_laplace.sparse import SparseFactor, SparsePattern, cholmod_available, sparse_pattern
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -187,7 +180,7 @@ class LaplaceMarginal:
                 )
             q = -hv
             grad_norm = float(np.max(np.abs(grad), initial=0.0))
-            factor, bad_blocks = _factor(self.structure, q)
+            factor, bad_blocks = self.structure.factor(q)
             # The log-determinant depends on b to first order, so b^ must be accurate: iterate to gtol, and
             # accept "floating-point precision" only when full Newton steps stop reducing a small gradient.
             stalled = stalled + 1 if grad_norm >= 0.5 * best_norm else 0
@@ -198,7 +191,7 @@ class LaplaceMarginal:
                 break
             if factor is None:
                 scale = float(np.max(np.abs(q), initial=1.0))
-                factor = _damped(self.structure, q, min_eig=1e-6 * scale)
+                factor = self.structure.damped(q, min_eig=1e-6 * scale)
             direction = factor.solve(grad)
             slope = float(grad @ direction)
             t = 1.0
@@ -231,9 +224,7 @@ class LaplaceMarginal:
         return "{" + ", ".join(f"{lab}: {v:.6g}" for lab, v in zip(labels, theta, strict=True)) + "}"
 
 
-def choose_structure(
-    pattern: sp.spmatrix, colors: np.ndarray, factorization: str
-) -> BlockStructure | SparsePattern:
+def choose_structure(pattern: sp.spmatrix, colors: np.ndarray, factorization: str) -> BlockStructure | SparsePattern:
     """The structure the factorisations of ``Q`` work with, as ``InnerNewton.factorization`` asks."""
     choices = ("auto", "blocks", "cholmod", "superlu")
     if factorization not in choices:
@@ -253,15 +244,3 @@ def choose_structure(
     if factorization == "blocks":
         return block_structure(pattern, colors)
     return sparse_pattern(pattern, colors, factorization)
-
-
-def _factor(structure: BlockStructure | SparsePattern, q: np.ndarray):
-    if isinstance(structure, SparsePattern):
-        return factor_sparse(structure, q)
-    return factor_blocks(structure, q)
-
-
-def _damped(structure: BlockStructure | SparsePattern, q: np.ndarray, min_eig: float):
-    if isinstance(structure, SparsePattern):
-        return damped_sparse(structure, q, min_eig)
-    return damped_blocks(structure, q, min_eig)

@@ -55,9 +55,13 @@ class SparsePattern:
     colors: np.ndarray
     backend: SparseBackend
 
-    @property
-    def largest_block(self) -> int:
-        return self.n
+    def factor(self, q_compressed: np.ndarray) -> tuple[SparseFactor | None, np.ndarray]:
+        """Cholesky of ``Q``; ``(factor or None, index of a random effect where it is not PD)``."""
+        return factor_sparse(self, q_compressed)
+
+    def damped(self, q_compressed: np.ndarray, min_eig: float) -> SparseFactor:
+        """Cholesky of ``Q`` shifted until it is positive definite."""
+        return damped_sparse(self, q_compressed, min_eig)
 
     def assemble(self, compressed: np.ndarray, shift: float = 0.0) -> sp.csc_matrix:
         """``Q + shift I`` as a sparse matrix from the compressed products ``(K, n)`` of ``Q``."""
@@ -211,7 +215,6 @@ def _factor_cholmod(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
 
 
 def _factor_superlu(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
-    n = q.shape[0]
     try:
         lu = splu(q, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
     except RuntimeError as err:  # "Factor is exactly singular"
@@ -225,8 +228,6 @@ def _factor_superlu(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
         raise NotPositiveDefinite(int(order[np.flatnonzero(~(pivots > 0))[0]]))
     lower = sp.csc_matrix(upper.T @ sp.diags(1.0 / np.sqrt(pivots)))
     lower.sort_indices()
-    if lower.nnz and np.any(lower.indices[lower.indptr[:-1]] != np.arange(n)):
-        raise NotPositiveDefinite(0)
     return SparseFactor(structure, order, lower, lu.solve)
 
 
