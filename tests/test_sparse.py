@@ -17,8 +17,9 @@ from scipy import optimize, stats
 
 from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, marginal
 from pymc_laplace._compat import get_group
+from pymc_laplace.blocks import MAX_DENSE_BLOCK, block_structure
 from pymc_laplace.marginal import InnerNewton
-from pymc_laplace.sparse import SparsePattern, cholmod_available, factor_sparse, sparse_pattern
+from pymc_laplace.sparse import NotPositiveDefinite, SparsePattern, cholmod_available, factor_sparse, sparse_pattern
 from pymc_laplace.structure import color_columns
 
 BACKENDS = [
@@ -75,6 +76,30 @@ def test_indefinite_matrix_is_reported_not_repaired(backend):
     factor, bad = factor_sparse(sparse_pattern(pattern, colors, backend), products)
     assert factor is None
     assert bad.size == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damped_factor_shifts_by_the_first_power_of_ten_that_is_positive_definite(backend):
+    """The Newton fallback on an indefinite Q: the shift is checked against the exact smallest eigenvalue."""
+    q = random_spd(200, seed=3).tolil()
+    q[57, 57] = -40.0
+    q = sp.csc_matrix(q)
+    pattern, colors, products = compressed(q)
+    structure = sparse_pattern(pattern, colors, backend)
+    min_eig = 1e-3
+    factor = structure.damped(products, min_eig)
+    smallest = np.linalg.eigvalsh(q.toarray())[0]
+    shift = min_eig * 10.0 ** np.ceil(np.log10(-smallest / min_eig))  # first shift in min_eig * 10^k above -smallest
+    assert factor.log_det() == pytest.approx(np.linalg.slogdet(q.toarray() + shift * np.eye(200))[1], rel=1e-10)
+    with pytest.raises(NotPositiveDefinite):  # a non-finite Q cannot be repaired by any shift
+        structure.damped(np.full_like(products, np.nan), min_eig)
+
+
+def test_forced_dense_blocks_refuse_a_large_connected_block():
+    n = MAX_DENSE_BLOCK + 1
+    tridiagonal = sp.diags([np.ones(n - 1), np.ones(n), np.ones(n - 1)], [-1, 0, 1], dtype=bool)
+    with pytest.raises(ModelSpecificationError, match="factorization='auto'"):
+        block_structure(tridiagonal, color_columns(tridiagonal))
 
 
 # ------------------------------------------------------------------------------------------- random walk
@@ -136,6 +161,7 @@ def test_random_walk_ml_fit_matches_exact_maximum_likelihood(walk):
     assert float(fit["log_marginal_likelihood"]) == pytest.approx(-exact.fun, abs=1e-7)
     # standard errors from the exact marginal's Hessian (central differences of the exact density)
     step = 1e-4
+
     def f(t: np.ndarray) -> float:
         return exact_log_marginal(t, y)
 
