@@ -19,7 +19,14 @@ from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, margin
 from pymc_laplace._compat import get_group
 from pymc_laplace.blocks import MAX_DENSE_BLOCK, block_structure
 from pymc_laplace.marginal import InnerNewton
-from pymc_laplace.sparse import NotPositiveDefinite, SparsePattern, cholmod_available, factor_sparse, sparse_pattern
+from pymc_laplace.sparse import (
+    NotPositiveDefinite,
+    SparsePattern,
+    cholmod_available,
+    factor_sparse,
+    sparse_pattern,
+    takahashi_inverse,
+)
 from pymc_laplace.structure import color_columns
 
 BACKENDS = [
@@ -76,6 +83,40 @@ def test_indefinite_matrix_is_reported_not_repaired(backend):
     factor, bad = factor_sparse(sparse_pattern(pattern, colors, backend), products)
     assert factor is None
     assert bad.size == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_singular_matrix_is_reported(backend):
+    q = random_spd(100, seed=4).tolil()
+    q[40, :] = 0.0
+    q[:, 40] = 0.0
+    q = sp.csc_matrix(q)
+    pattern, colors, _ = compressed(q + sp.eye(100, format="csc"))  # (40, 40) stays in the pattern, valued 0
+    indicators = np.zeros((100, colors.max() + 1))
+    indicators[np.arange(100), colors] = 1.0
+    factor, bad = factor_sparse(sparse_pattern(pattern, colors, backend), np.asarray((q @ indicators).T))
+    assert factor is None
+    assert bad.size == 1
+
+
+def test_takahashi_needs_a_closed_pattern_with_the_diagonal():
+    a = np.random.default_rng(5).normal(size=(30, 30))
+    dense = np.linalg.cholesky(a @ a.T + 30.0 * np.eye(30))  # no zero below the diagonal
+    complete = sp.csc_matrix(dense)
+    inverse = takahashi_inverse(complete).toarray()  # a full lower pattern is trivially closed
+    np.testing.assert_allclose(np.tril(inverse), np.tril(np.linalg.inv(dense @ dense.T)), atol=1e-10)
+    missing_fill = complete.tolil()
+    missing_fill[29, 1] = 0.0  # column 0 reaches rows 1 and 29, so (29, 1) is fill that must be present
+    missing_fill = sp.csc_matrix(missing_fill)
+    missing_fill.eliminate_zeros()
+    with pytest.raises(ValueError, match="not closed"):
+        takahashi_inverse(missing_fill)
+    missing_diagonal = complete.tolil()
+    missing_diagonal[3, 3] = 0.0
+    missing_diagonal = sp.csc_matrix(missing_diagonal)
+    missing_diagonal.eliminate_zeros()
+    with pytest.raises(ValueError, match="diagonal"):
+        takahashi_inverse(missing_diagonal)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
