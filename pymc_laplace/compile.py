@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -222,26 +223,100 @@ def check_continuous(model: pm.Model) -> None:
         )
 
 
-def resolve_variables(model: pm.Model, names: Sequence[Any] | None, *, argument: str) -> list[str]:
-    """Value-variable names of the free variables named (by name or by variable) in ``names``."""
+def validate_arguments(
+    model: pm.Model | None,
+    *,
+    draws: int | None = None,
+    chains: int | None = None,
+    ridge: float | None = None,
+) -> pm.Model:
+    """The model to fit (``model``, else the one on the context stack), checked with the arguments shared by the
+    entry functions. Cheap: it runs before anything is compiled, so misuse fails at once.
+
+    Raises
+    ------
+    ModelSpecificationError
+        No model; a model without free variables or with discrete ones; ``draws`` or ``chains`` that is not a
+        positive integer; a ``ridge`` that is negative or not finite.
+    """
+    for argument, count in (("draws", draws), ("chains", chains)):
+        if count is not None and not (isinstance(count, Integral) and not isinstance(count, bool) and count >= 1):
+            raise ModelSpecificationError(
+                f"`{argument}` must be a positive integer, not {count!r} (e.g. draws=1000, chains=4: the result "
+                "holds chains x draws independent draws)."
+            )
+    if ridge is not None and not (
+        isinstance(ridge, Real) and not isinstance(ridge, bool) and np.isfinite(ridge) and ridge >= 0
+    ):
+        raise ModelSpecificationError(
+            f"`ridge` must be a finite number >= 0, not {ridge!r}: it is the precision added to the diagonal of the "
+            "negative Hessian (ridge=0, the default, adds none). A negative ridge would remove curvature."
+        )
+    if model is None:
+        try:
+            model = pm.modelcontext(None)
+        except TypeError:
+            raise ModelSpecificationError(
+                "No model to fit: none was passed and none is on the context stack. Pass it (`model=model`) or "
+                "call inside `with model:`."
+            ) from None
+    if not isinstance(model, pm.Model):
+        raise ModelSpecificationError(
+            f"`model` must be a pm.Model, not {type(model).__name__}; the other arguments are keyword-only "
+            "(e.g. `draws=1000`)."
+        )
+    if not model.free_RVs:
+        raise ModelSpecificationError(
+            "The model has no free variables, so there is nothing to fit: every variable is observed or "
+            "deterministic. Give it at least one unobserved variable (a parameter with a prior)."
+        )
+    check_continuous(model)
+    return model
+
+
+def resolve_variables(model: pm.Model, names: Sequence[Any] | None, *, argument: str, if_empty: str = "") -> list[str]:
+    """Value-variable names of the free variables named (by name or by variable) in ``names``.
+
+    ``None`` means every free variable. Raises :class:`ModelSpecificationError` for a name that is not a free
+    variable (saying whether it is observed or deterministic), a variable named twice, or an empty list
+    (``if_empty`` then says what to do instead).
+    """
     free = {rv.name: rv for rv in model.free_RVs}
     if names is None:
         return [model.rvs_to_values[rv].name for rv in model.free_RVs]
     if isinstance(names, (str, pt.TensorVariable)):
         names = [names]
-    resolved = []
-    for item in names:
+    try:
+        items = list(names)
+    except TypeError:
+        raise ModelSpecificationError(
+            f"`{argument}` must be a list of variable names or variables, not {type(names).__name__}."
+        ) from None
+    if not items:
+        raise ModelSpecificationError(
+            f"`{argument}` is empty: name at least one of the free variables {sorted(free)}. {if_empty}".rstrip()
+        )
+    value_names = {model.rvs_to_values[rv].name: rv.name for rv in model.free_RVs}
+    kinds = {rv.name: "observed" for rv in model.observed_RVs}
+    kinds |= {d.name: "a Deterministic" for d in model.deterministics}
+    given: dict[str, list[Any]] = {}
+    for item in items:
         name = item if isinstance(item, str) else getattr(item, "name", None)
-        value_names = {model.rvs_to_values[rv].name: rv.name for rv in model.free_RVs}
-        if name in value_names:
-            name = value_names[name]
+        name = value_names.get(name, name)
         if name not in free:
+            kind = f"which is {kinds[name]}, not" if name in kinds else "which is not"
             raise ModelSpecificationError(
-                f"`{argument}` names {name!r}, which is not a free variable of the model. "
+                f"`{argument}` names {name!r}, {kind} a free variable of the model. "
                 f"The free variables are {sorted(free)}."
             )
-        resolved.append(model.rvs_to_values[free[name]].name)
-    return resolved
+        given.setdefault(name, []).append(item if isinstance(item, str) else name)
+    repeated = {name: spelled for name, spelled in given.items() if len(spelled) > 1}
+    if repeated:
+        name, spelled = next(iter(repeated.items()))
+        raise ModelSpecificationError(
+            f"`{argument}` names {name!r} more than once ({spelled}); name each variable once."
+        )
+    return [model.rvs_to_values[free[name]].name for name in given]
 
 
 def _data_variables(model: pm.Model) -> tuple[tuple[DataVariable, ...], tuple[DataVariable, ...]]:
@@ -291,8 +366,33 @@ def start_point(model: pm.Model, initvals: Mapping[str, Any] | None) -> dict[str
                 f"`initvals` names {name!r}, which is not a free variable of the model. "
                 f"The free variables are {sorted(names)}."
             )
-    fn = make_initial_point_fn(model=model, overrides=dict(initvals or {}), return_transformed=True)
+    overrides = dict(initvals or {})
+    try:
+        fn = make_initial_point_fn(model=model, overrides=overrides, return_transformed=True)
+    except (TypeError, ValueError) as err:
+        raise _initvals_error(model, overrides, err) from None
     return {k: np.asarray(v, dtype=float) for k, v in fn(0).items()}
+
+
+def _initvals_error(model: pm.Model, overrides: dict[str, Any], err: Exception) -> ModelSpecificationError:
+    """Which entry of ``initvals`` pymc could not use (tried one at a time: this runs only after a failure)."""
+    from pymc.initial_point import make_initial_point_fn
+
+    culprit = None
+    for name, value in overrides.items():
+        try:
+            make_initial_point_fn(model=model, overrides={name: value}, return_transformed=True)
+        except (TypeError, ValueError):
+            culprit = name
+            break
+    if culprit is None:
+        return ModelSpecificationError(f"`initvals` could not be applied: {err}")
+    shape = tuple(int(d) for d in model.eval_rv_shapes()[culprit])
+    return ModelSpecificationError(
+        f"`initvals` gives {culprit!r} the value {overrides[culprit]!r}, which pymc cannot use as its start "
+        f"({str(err).splitlines()[0].rstrip('.')}). Give a value of the variable's shape {shape}, on its "
+        "constrained scale."
+    )
 
 
 def compile_joint(

@@ -15,12 +15,14 @@ import scipy.optimize
 
 from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.compile import compile_split
+from pymc_laplace.compile import compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
 from pymc_laplace.errors import HessianNotPositiveDefiniteError, ModelSpecificationError
 from pymc_laplace.gaussian import gaussian_from_precision
 from pymc_laplace.laplace import evaluate_draws
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
+
+_NO_RANDOM = "Name the random effects to integrate out; fit_laplace fits a model with nothing integrated out."
 
 
 def marginal(
@@ -53,8 +55,18 @@ def marginal(
     Returns
     -------
     LaplaceMarginal
+
+    Raises
+    ------
+    ModelSpecificationError
+        No model, no or discrete free variables, ``random`` empty or naming something that is not a free
+        variable (or a variable twice); raised before anything is compiled.
+    StartPointError
+        The log density is not finite at the start point: it is the first warm start of the random effects and
+        the point where the structure of their Hessian is read.
     """
-    model = pm.modelcontext(model)
+    model = validate_arguments(model)
+    resolve_variables(model, random, argument="random", if_empty=_NO_RANDOM)
     compiled = compile_split(model, random=random, initvals=initvals, compile_kwargs=compile_kwargs)
     return LaplaceMarginal(compiled, inner or InnerNewton())
 
@@ -233,11 +245,21 @@ def fit_integrated_laplace(
 
     Raises
     ------
-    ModelSpecificationError, InnerSolveError, HessianNotPositiveDefiniteError
+    ModelSpecificationError
+        As :func:`marginal`, and also ``random`` covering every free variable (nothing left to optimise),
+        ``draws``/``chains`` not positive integers, a negative or non-finite ``ridge``, an unknown ``method``.
+    StartPointError, InnerSolveError, HessianNotPositiveDefiniteError
     """
     if method not in ("ml", "map"):
-        raise ModelSpecificationError(f"method must be 'ml' or 'map', not {method!r}")
-    model = pm.modelcontext(model)
+        raise ModelSpecificationError(f"`method` must be 'ml' or 'map', not {method!r}.")
+    model = validate_arguments(model, draws=draws, chains=chains, ridge=ridge)
+    random_values = resolve_variables(model, random, argument="random", if_empty=_NO_RANDOM)
+    if len(random_values) == len(model.free_RVs):
+        raise ModelSpecificationError(
+            f"`random` covers every free variable ({sorted(rv.name for rv in model.free_RVs)}), so nothing is "
+            "left to optimise once they are integrated out. Use fit_laplace(model) for a Laplace fit of all of "
+            "them, or leave a parameter (e.g. a scale or a mean) out of `random`."
+        )
     laplace = marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
     compiled = laplace.compiled
     optimizer = optimizer or OuterOptimizer()

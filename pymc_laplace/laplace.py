@@ -9,7 +9,7 @@ import numpy as np
 import pymc as pm
 
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.compile import CompiledJoint, compile_joint, resolve_variables
+from pymc_laplace.compile import CompiledJoint, compile_joint, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
 from pymc_laplace.errors import OptimizationError, StartPointError
 from pymc_laplace.gaussian import LOG_2PI, gaussian_from_precision
@@ -78,7 +78,9 @@ def fit_laplace(
     Raises
     ------
     ModelSpecificationError
-        Discrete free variables, or ``vars``/``initvals`` naming something that is not a free variable.
+        No model, no or discrete free variables, ``vars``/``initvals`` naming something that is not a free
+        variable (or a variable twice), ``draws``/``chains`` not positive integers, a negative or non-finite
+        ``ridge``. Raised before anything is compiled.
     StartPointError
         The log density or its gradient is not finite at the start point.
     OptimizationError
@@ -97,8 +99,10 @@ def fit_laplace(
     >>> round(float(idata["fit"]["mean_vector"][0]), 4)
     0.2331
     """
-    model = pm.modelcontext(model)
-    selected_names = resolve_variables(model, vars, argument="vars")
+    model = validate_arguments(model, draws=draws, chains=chains, ridge=ridge)
+    selected_names = resolve_variables(
+        model, vars, argument="vars", if_empty="Leave `vars` out (None) to approximate every free variable."
+    )
     compiled = compile_joint(model, jacobian=jacobian, initvals=initvals, compile_kwargs=compile_kwargs)
     rng = np.random.default_rng(random_seed)
     optimizer = optimizer or NewtonOptimizer()
