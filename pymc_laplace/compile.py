@@ -22,7 +22,7 @@ from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
-from pymc_laplace.errors import ModelSpecificationError
+from pymc_laplace.errors import ModelSpecificationError, StartPointError
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class CompiledJoint:
     layout : FlatLayout
         The unconstrained parameter vector.
     start : ndarray, shape (n,)
-        Start point of the optimiser (unconstrained).
+        Start point of the optimiser (unconstrained); the log density is finite there (checked when compiled).
     jacobian : bool
         Whether the log density includes the log-Jacobian of the transforms.
     value_grad_hess : callable
@@ -395,6 +395,26 @@ def _initvals_error(model: pm.Model, overrides: dict[str, Any], err: Exception) 
     )
 
 
+def start_point_error(logp: float, description: str) -> StartPointError:
+    """The error for a start point where the log density is not finite, with each variable's log density there."""
+    if logp == np.inf:
+        cause = "a variable's density is unbounded there (e.g. a Beta or Gamma with shape below 1 at its boundary)"
+        advice = "Give `initvals` away from that point."
+    else:
+        cause = (
+            "the point lies outside the support of a variable, a distribution's parameters are invalid there "
+            "(e.g. a negative scale), or the data hold values the likelihood cannot produce"
+        )
+        advice = (
+            "Give `initvals` inside the support of every variable, or check the data and the parameters of the "
+            "variables whose log density is not finite."
+        )
+    return StartPointError(
+        f"The log density is {logp} at the start point: {cause}. Start point (unconstrained) and each variable's "
+        f"log density there:\n{description}\n{advice}"
+    )
+
+
 def compile_joint(
     model: pm.Model,
     *,
@@ -416,6 +436,13 @@ def compile_joint(
         Passed to ``pytensor.function`` (e.g. ``{"mode": "FAST_COMPILE"}``).
     derivatives : bool
         Compile the dense gradient and Hessian (``value_grad_hess``); not needed when only draws are mapped.
+
+    Raises
+    ------
+    ModelSpecificationError
+        Discrete free variables, or ``initvals`` that are not values of free variables.
+    StartPointError
+        The log density is not finite at the start point (checked before the derivatives are compiled).
     """
     check_continuous(model)
     point = start_point(model, initvals)
@@ -442,6 +469,32 @@ def compile_joint(
     x.name = "unconstrained"
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
     # pymc's compile turns parameter checks into -inf (a draw outside the support is not an error)
+    out_fn = compile_graph([x], [logp_flat, *outputs_flat], **kwargs)
+
+    def describe_point(xv: np.ndarray) -> str:
+        values = layout.split(xv)
+        lines = [f"  {name} = {np.array2string(v, precision=4, threshold=8)}" for name, v in values.items()]
+        try:
+            logps = model.point_logps(values)
+            lines += [f"  log density of {name}: {lp}" for name, lp in logps.items()]
+        except Exception as err:  # the description is a courtesy; it must not hide the real error
+            lines.append(f"  (log densities per variable unavailable: {err})")
+        return "\n".join(lines)
+
+    # Check the start before compiling derivatives, and before anything downstream (the Hessian-pattern walk of
+    # compile_split) evaluates the graph there without pymc's parameter checks turned into -inf.
+    start = layout.join(point)
+    try:
+        start_logp = float(out_fn(start)[0])
+    except Exception as err:  # e.g. an Assert in a Deterministic: still a start the model cannot evaluate
+        raise StartPointError(
+            f"The model cannot be evaluated at the start point ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"Start point (unconstrained) and each variable's log density there:\n{describe_point(start)}\n"
+            "Give `initvals` where every variable and Deterministic can be evaluated."
+        ) from err
+    if not np.isfinite(start_logp):
+        raise start_point_error(start_logp, describe_point(start))
+
     if derivatives:
         # The Hessian is assembled from exact Hessian-vector products (one reverse pass over the gradient per
         # column): a graph about twice the gradient's, which compiles far faster than a vectorised Jacobian.
@@ -464,26 +517,14 @@ def compile_joint(
         def vgh_fn(xv: np.ndarray) -> list[np.ndarray]:
             raise RuntimeError("compiled with derivatives=False")
 
-    out_fn = compile_graph([x], [logp_flat, *outputs_flat], **kwargs)
-
     def value_grad_hess(xv: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         f, g, h = vgh_fn(xv)
         return float(f), g, h
 
-    def describe_point(xv: np.ndarray) -> str:
-        values = layout.split(xv)
-        lines = [f"  {name} = {np.array2string(v, precision=4, threshold=8)}" for name, v in values.items()]
-        try:
-            logps = model.point_logps(values)
-            lines += [f"  log density of {name}: {lp}" for name, lp in logps.items()]
-        except Exception as err:  # the description is a courtesy; it must not hide the real error
-            lines.append(f"  (log densities per variable unavailable: {err})")
-        return "\n".join(lines)
-
     observed, constant = _data_variables(model)
     return CompiledJoint(
         layout=layout,
-        start=layout.join(point),
+        start=start,
         jacobian=jacobian,
         value_grad_hess=value_grad_hess,
         logp_and_outputs=out_fn,

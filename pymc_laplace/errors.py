@@ -16,7 +16,7 @@ class ModelSpecificationError(ValueError):
 
 
 class StartPointError(LaplaceError):
-    """The log density or its gradient is not finite at the start point."""
+    """The log density is not finite at the start point, or it is but its gradient or Hessian overflows there."""
 
 
 class OptimizationError(LaplaceError):

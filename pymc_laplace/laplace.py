@@ -9,7 +9,13 @@ import numpy as np
 import pymc as pm
 
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.compile import CompiledJoint, compile_joint, resolve_variables, validate_arguments
+from pymc_laplace.compile import (
+    CompiledJoint,
+    compile_joint,
+    resolve_variables,
+    start_point_error,
+    validate_arguments,
+)
 from pymc_laplace.convert import build_result
 from pymc_laplace.errors import OptimizationError, StartPointError
 from pymc_laplace.gaussian import LOG_2PI, gaussian_from_precision
@@ -82,7 +88,8 @@ def fit_laplace(
         variable (or a variable twice), ``draws``/``chains`` not positive integers, a negative or non-finite
         ``ridge``. Raised before anything is compiled.
     StartPointError
-        The log density or its gradient is not finite at the start point.
+        The log density is not finite at the start point (the message lists each variable's log density there),
+        or it is finite but its derivatives overflow there.
     OptimizationError
         The optimiser diverged (improper posterior), stalled, or ran out of steps.
     HessianNotPositiveDefiniteError
@@ -166,27 +173,41 @@ def optimizer_stats(result: OptimizerResult) -> dict[str, Any]:
 
 def find_mode(compiled: CompiledJoint, optimizer: NewtonOptimizer, *, progressbar: bool) -> OptimizerResult:
     """Maximise the compiled log density from its start point; raise with a useful message unless converged."""
-    layout = compiled.layout
-    f0, g0, _ = compiled.value_grad_hess(compiled.start)
-    if not (np.isfinite(f0) and np.all(np.isfinite(g0))):
-        bad = [layout.labels[i] for i in np.flatnonzero(~np.isfinite(g0))]
-        raise StartPointError(
-            f"The log density is {f0} at the start point"
-            + (f", and its gradient is not finite in {bad}" if bad else "")
-            + ". Start point (unconstrained) and each variable's log density:\n"
-            + compiled.describe_point(compiled.start)
-            + "\nGive `initvals` inside the support of every variable, or check the data for values the "
-            "likelihood cannot produce."
-        )
+    start = compiled.start
+    f0, g0, h0 = compiled.value_grad_hess(start)
+    if not np.isfinite(f0):
+        raise start_point_error(f0, compiled.describe_point(start))
+    if not (np.all(np.isfinite(g0)) and np.all(np.isfinite(h0))):
+        raise StartPointError(_overflow_message(compiled, start, f0, g0, h0, where="the start point"))
     with progress_bar("Newton", None, enabled=progressbar) as bar:
 
         def report(step: int, logp: float, grad_norm: float) -> None:
             bar.update(advance=1, status=f"logp {logp:.6g}  max|grad| {grad_norm:.2e}")
 
-        result = optimizer.maximize(compiled.value_grad_hess, compiled.start, callback=report)
+        result = optimizer.maximize(compiled.value_grad_hess, start, callback=report)
     if result.success:
         return result
-    raise OptimizationError(_failure_message(result, layout.labels, optimizer))
+    raise OptimizationError(_failure_message(result, compiled.layout.labels, optimizer))
+
+
+def _overflow_message(
+    compiled: CompiledJoint, x: np.ndarray, logp: float, grad: np.ndarray, hessian: np.ndarray, *, where: str
+) -> str:
+    """The log density is finite at ``x`` but its gradient or Hessian is not: say so, and where."""
+    labels = compiled.layout.labels
+    bad_grad = [labels[i] for i in np.flatnonzero(~np.isfinite(grad))]
+    bad_hess = [labels[i] for i in np.flatnonzero(~np.all(np.isfinite(hessian), axis=0))]
+    parts = ([f"the gradient is not finite in {bad_grad}"] if bad_grad else []) + (
+        [f"the Hessian is not finite in the rows of {bad_hess}"] if bad_hess else []
+    )
+    return (
+        f"The log density is finite ({logp:.6g}) at {where}, but its derivatives overflow there: "
+        + " and ".join(parts)
+        + ". The point is inside the support, but the derivatives are singular or overflow there (e.g. a square "
+        "root or a power below 2 of a value at 0, or the exp of a large value). Newton's method needs them: start "
+        "elsewhere with `initvals`, or reparameterise these variables so that their derivatives stay finite. The "
+        "point (unconstrained) and each variable's log density there:\n" + compiled.describe_point(x)
+    )
 
 
 def _failure_message(result: OptimizerResult, labels: Sequence[str], optimizer: NewtonOptimizer) -> str:
