@@ -20,7 +20,7 @@ class StartPointError(LaplaceError):
 
 
 class OptimizationError(LaplaceError):
-    """The optimiser did not reach a mode (diverged, stalled or ran out of steps)."""
+    """The optimiser did not reach a mode (diverged, stalled, ran out of steps, or the mode does not exist)."""
 
 
 class HessianNotPositiveDefiniteError(LaplaceError):

@@ -91,7 +91,8 @@ def fit_laplace(
         The log density is not finite at the start point (the message lists each variable's log density there),
         or it is finite but its derivatives overflow there.
     OptimizationError
-        The optimiser diverged (improper posterior), stalled, or ran out of steps.
+        The optimiser diverged (improper posterior), found the density unbounded (a funnel: no joint mode),
+        stalled, or ran out of steps.
     HessianNotPositiveDefiniteError
         The negative Hessian at the mode is not positive definite (a flat or non-identified direction).
 
@@ -187,7 +188,7 @@ def find_mode(compiled: CompiledJoint, optimizer: NewtonOptimizer, *, progressba
         result = optimizer.maximize(compiled.value_grad_hess, start, callback=report)
     if result.success:
         return result
-    raise OptimizationError(_failure_message(result, compiled.layout.labels, optimizer))
+    raise OptimizationError(_failure_message(result, compiled, f0, h0, optimizer))
 
 
 def _overflow_message(
@@ -210,24 +211,93 @@ def _overflow_message(
     )
 
 
-def _failure_message(result: OptimizerResult, labels: Sequence[str], optimizer: NewtonOptimizer) -> str:
+def _failure_message(
+    result: OptimizerResult,
+    compiled: CompiledJoint,
+    start_logp: float,
+    start_hessian: np.ndarray,
+    optimizer: NewtonOptimizer,
+) -> str:
+    labels = compiled.layout.labels
+
     def top(values: np.ndarray, k: int = 4) -> str:
         finite = np.where(np.isfinite(values), np.abs(values), np.inf)
         order = np.argsort(-finite)[:k]
         return ", ".join(f"{labels[i]} = {values[i]:.4g}" for i in order)
 
     head = f"The mode was not found: {result.message} (after {result.n_steps} steps)."
-    far = np.abs(result.x) > 50.0  # on the unconstrained scale: exp(50) is no plausible value of anything
-    if result.status in (NewtonStatus.DIVERGED, NewtonStatus.NONFINITE) or np.any(far):
+    funnel = _funnel_message(result, compiled, start_logp, start_hessian)
+    # on the unconstrained scale a move of 50 (a factor exp(50)) is no plausible change of anything
+    ran_away = np.abs(result.x - compiled.start) > 50.0
+    improper = result.status in (NewtonStatus.DIVERGED, NewtonStatus.UNBOUNDED) or bool(np.any(ran_away))
+    # A density of constrained values that runs away is first of all a case for jacobian=True; with the Jacobian
+    # (or when the search crawls rather than runs) exploding curvature is the more specific diagnosis.
+    if funnel is not None and (compiled.jacobian or not improper):
+        return f"{head} {funnel}"
+    if improper:
         return (
             f"{head} The largest unconstrained values are {top(result.x)}; log density {result.logp:.6g}. "
             "The posterior looks improper or unbounded along these variables: give them proper priors, or use "
             "jacobian=True for scale parameters (a density of a constrained value can be unbounded at the boundary)."
         )
+    if result.status is NewtonStatus.DERIVATIVES_NONFINITE:
+        return (
+            f"{head} The log density still increases along the Newton direction, but at the points tried its "
+            "gradient or Hessian overflows (is not finite) although the log density itself is finite there. "
+            f"The search stopped near {top(result.x)}. Reparameterise the variables involved so that their "
+            "derivatives stay finite, or give `initvals` nearer the mode."
+        )
     return (
         f"{head} The largest gradient components are {top(result.grad)}. Try more steps "
         f"(NewtonOptimizer(max_steps={2 * optimizer.max_steps})), a looser gtol (now {optimizer.gtol:g}), better "
         "`initvals`, or check the model for a non-smooth log density."
+    )
+
+
+# The curvature along a coordinate that grew this much while the search raised the log density: the density
+# is heading for a singularity, not a mode.
+_CURVATURE_BLOWUP = 1e8
+
+
+def _funnel_message(
+    result: OptimizerResult, compiled: CompiledJoint, start_logp: float, start_hessian: np.ndarray
+) -> str | None:
+    """A funnel: the search raises the log density while the curvature along some variables grows without bound.
+
+    In a centred hierarchical model ``theta ~ Normal(mu, tau)`` the joint density (Jacobian included) grows like
+    ``-(n_groups - 1) log tau`` as ``tau -> 0`` with every ``theta`` at ``mu``, and the curvature along ``theta``
+    grows like ``1 / tau^2``: the joint mode does not exist and Newton's steps shrink to nothing on the way.
+    """
+    if not (np.isfinite(result.logp) and result.logp > start_logp):
+        return None
+    layout = compiled.layout
+    curvature = np.abs(np.diag(result.hessian))
+    before = np.maximum(np.abs(np.diag(start_hessian)), 1.0)
+    exploded = np.isfinite(curvature) & (curvature > _CURVATURE_BLOWUP * before)
+    if not exploded.any():
+        return None
+    moved = np.where(exploded, 0.0, np.abs(result.x - compiled.start))
+    runaway = int(np.argmax(moved))
+    owner = np.empty(layout.size, dtype=int)
+    for k, where in enumerate(layout.slices):
+        owner[where] = k
+    rv_names = [v.name for v in compiled.posterior_variables[: len(layout.names)]]
+    steep = [k for k in dict.fromkeys(owner[exploded]) if k != owner[runaway]]
+    if not steep:
+        return None
+    groups = [k for k in steep if int(np.prod(layout.shapes[k], dtype=int)) > 1] or steep
+    random = [rv_names[k] for k in groups]
+    growth = float(np.max(curvature[exploded] / before[exploded]))
+    return (
+        f"The joint mode does not exist: the log density is unbounded above (a funnel). The search raised it "
+        f"from {start_logp:.6g} to {result.logp:.6g} by moving {layout.labels[runaway]} from "
+        f"{compiled.start[runaway]:.4g} to {result.x[runaway]:.4g}, while the curvature along "
+        f"{[rv_names[k] for k in steep]} grew by a factor of {growth:.1e}. In a hierarchical model the joint "
+        "density grows without bound as a group scale shrinks to 0 with the group effects at their mean, so "
+        "more Newton steps cannot help. Integrate the group effects out instead: "
+        f"fit_integrated_laplace(model, random={random}) (method='map' keeps the prior of the scale, whose "
+        "maximum-likelihood estimate may be 0), or write them non-centred (theta = mu + tau * z with "
+        "z ~ Normal(0, 1))."
     )
 
 
@@ -251,5 +321,3 @@ def evaluate_draws(
             if (i + 1) % 1000 == 0:
                 bar.update(advance=1000)
     return {n: v.reshape(lead + v.shape[1:]) for n, v in values.items()}, log_p.reshape(lead)
-
-

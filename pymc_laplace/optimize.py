@@ -29,7 +29,11 @@ class NewtonStatus(Enum):
     )
     MAX_STEPS = "stopped after max_steps Newton steps without reaching gtol"
     DIVERGED = "the parameters diverge: the log density keeps increasing as they grow without bound"
-    NONFINITE = "the log density became +inf, or it or its derivatives became NaN, during the search"
+    UNBOUNDED = "the log density reached +inf: it is unbounded above"
+    NONFINITE = "the log density is not finite at the start point"
+    DERIVATIVES_NONFINITE = (
+        "the gradient or Hessian is not finite (they overflow) at a point where the log density is finite"
+    )
     STALLED = "no step increases the log density, but the gradient is not small"
 
     @property
@@ -121,14 +125,17 @@ class NewtonOptimizer:
         n_eval, mu = 1, 0.0
         status = NewtonStatus.MAX_STEPS
         step = 0
-        if not (np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(h))):
+        overflowed = False  # in the latest step, a trial that raised the log density had overflowing derivatives
+        if not np.isfinite(f):
             status = NewtonStatus.NONFINITE
+        elif not (np.all(np.isfinite(g)) and np.all(np.isfinite(h))):
+            status = NewtonStatus.DERIVATIVES_NONFINITE
         else:
             for step in range(1, self.max_steps + 1):
                 if np.max(np.abs(g), initial=0.0) <= self.gtol:
                     status, step = NewtonStatus.SUCCESS, step - 1
                     break
-                accepted = False
+                accepted = overflowed = False
                 newton_decrement = None
                 g_norm = np.max(np.abs(g), initial=0.0)
                 while mu < 1e20:
@@ -142,12 +149,14 @@ class NewtonOptimizer:
                     x_new = x + p
                     f_new, g_new, h_new = value_grad_hess(x_new)
                     n_eval += 1
-                    if np.isnan(f_new) or f_new == np.inf:
-                        status = NewtonStatus.NONFINITE
-                        x = x_new
+                    if f_new == np.inf:
+                        status = NewtonStatus.UNBOUNDED
+                        x, f = x_new, f_new
                         break
+                    # NaN, like -inf, means the step left the region the model can evaluate: damp it
                     derivatives_finite = np.all(np.isfinite(g_new)) and np.all(np.isfinite(h_new))
                     increases = f_new >= f + 1e-4 * decrement
+                    overflowed = overflowed or bool(increases and not derivatives_finite)
                     # near the mode f no longer resolves the progress; accept a step that shrinks the gradient
                     polishes = f_new >= f - 1e-14 * max(1.0, abs(f)) and np.max(np.abs(g_new)) < g_norm
                     if derivatives_finite and (increases or polishes):
@@ -157,9 +166,14 @@ class NewtonOptimizer:
                         break
                     mu = _increase(mu, h)
                 if not accepted:
-                    if status is not NewtonStatus.NONFINITE:
+                    if status is not NewtonStatus.UNBOUNDED:
                         precise = newton_decrement is not None and newton_decrement <= 1e-12 * max(1.0, abs(f))
-                        status = NewtonStatus.SUCCESS_AT_PRECISION if precise else NewtonStatus.STALLED
+                        if precise:
+                            status = NewtonStatus.SUCCESS_AT_PRECISION
+                        elif overflowed:
+                            status = NewtonStatus.DERIVATIVES_NONFINITE
+                        else:
+                            status = NewtonStatus.STALLED
                     break
                 if callback is not None:
                     callback(step, f, float(np.max(np.abs(g), initial=0.0)))
@@ -169,6 +183,8 @@ class NewtonOptimizer:
             else:
                 if np.max(np.abs(g), initial=0.0) <= self.gtol:
                     status = NewtonStatus.SUCCESS
+                elif overflowed:  # the steps were cut short by the overflow, not by a lack of them
+                    status = NewtonStatus.DERIVATIVES_NONFINITE
         return OptimizerResult(x, f, g, h, status, step, n_eval, time.perf_counter() - start)
 
 
