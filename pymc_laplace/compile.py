@@ -549,7 +549,14 @@ class CompiledSplit:
     theta_layout, b_layout : FlatLayout
     theta_start, b_start : ndarray
     pattern : scipy.sparse.csr_matrix
-        Sparsity pattern (bool, n_b x n_b) of the Hessian of ``l`` in ``b``, found from the graph.
+        Sparsity pattern (bool, n_b x n_b) of the Hessian of ``l`` in ``b``, found from the graph: where it can be
+        nonzero for any ``theta``, given the data.
+    pattern_fallbacks : tuple of str
+        Ops of the graph without a pattern rule whose safe fallback coupled random effects.
+    pattern_data : tuple of (shared variable, ndarray)
+        The data containers the pattern was read with, and their values then.
+    repattern : callable
+        ``() -> pattern`` walked again with the data containers' current values (after ``pm.set_data``).
     colors : ndarray of int, shape (n_b,)
         Column colouring of ``pattern``.
     joint_value : callable
@@ -581,6 +588,9 @@ class CompiledSplit:
     b_start: np.ndarray
     pattern: Any
     colors: np.ndarray
+    pattern_fallbacks: tuple[str, ...]
+    pattern_data: tuple[tuple[Any, np.ndarray], ...]
+    repattern: Callable[[], Any]
     joint_value: Callable[[np.ndarray, np.ndarray], float]
     joint_newton: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
     outer_terms: Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
@@ -607,7 +617,7 @@ def compile_split(
     of their transforms: the integral is over their unconstrained values) and of the potentials; the prior of
     ``theta`` is compiled separately.
     """
-    from pymc_laplace.structure import color_columns, hessian_pattern
+    from pymc_laplace.structure import color_columns, walk_hessian_pattern
 
     if isinstance(random, str):
         random = [random]
@@ -657,7 +667,9 @@ def compile_split(
     b.name, theta.name = "b", "theta"
 
     theta_start = theta_layout.join(point) if theta_values else np.zeros(0)
-    pattern = hessian_pattern(joint_lp, b, {b: b_layout.join(point), theta: theta_start})
+    walk_point = {b: b_layout.join(point), theta: theta_start}
+    walked = walk_hessian_pattern(joint_lp, b, walk_point)
+    pattern = walked.pattern
     colors = color_columns(pattern)
     n_colors = int(colors.max()) + 1 if colors.size else 0
     indicators = pt.constant(np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0)))  # (K, n_b)
@@ -693,6 +705,9 @@ def compile_split(
         b_start=b_layout.join(point),
         pattern=pattern,
         colors=colors,
+        pattern_fallbacks=walked.fallback_ops,
+        pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
+        repattern=lambda: walk_hessian_pattern(joint_lp, b, walk_point, warn=False).pattern,
         joint_value=lazy([b, theta], joint_lp),
         joint_newton=lazy([b, theta], [joint_lp, grad_b, hv]),
         outer_terms=lazy([b, theta, compressed_inverse], [grad_theta, dphi_db, dphi_dtheta]),

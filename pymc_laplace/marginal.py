@@ -46,7 +46,11 @@ class InnerNewton:
     Parameters
     ----------
     gtol : float
-        Converged when ``max |dl/db| <= gtol``.
+        Converged when ``max |dl/db| <= gtol`` and the Newton step is below ``xtol``.
+    xtol : float
+        Converged only when the remaining Newton step ``max |Q^-1 dl/db| <= xtol * (1 + max |b|)``: where the
+        curvature is small (a large variance) a small gradient can sit far from the mode, and the log-determinant
+        must be taken at the mode, whatever the warm start.
     max_steps : int
     factorization : {"auto", "blocks", "cholmod", "superlu"}
         How ``Q = -d2l/db2`` is factorised. ``"blocks"``: batched dense Cholesky of its independent blocks (one
@@ -57,6 +61,7 @@ class InnerNewton:
     """
 
     gtol: float = 1e-9
+    xtol: float = 1e-8
     max_steps: int = 100
     factorization: Literal["auto", "blocks", "cholmod", "superlu"] = "auto"
 
@@ -116,6 +121,34 @@ class LaplaceMarginal:
         self.structure = choose_structure(self.compiled.pattern, self.compiled.colors, self.inner.factorization)
         self._warm_start = self.compiled.b_start.copy()
         self._last: InnerSolution | None = None
+        self._data_seen = {id(var): value for var, value in self.compiled.pattern_data}
+
+    def check_data(self) -> None:
+        """Check that the Hessian pattern still holds for the current values of the model's data containers.
+
+        The pattern is read from the graph with the data it was compiled with (index arrays, design matrices). After
+        ``pm.set_data`` the pattern is walked again; new data whose pattern is covered by the compiled one are
+        accepted, anything else raises (the marginal would be silently wrong).
+        """
+        changed = [
+            var
+            for var, _ in self.compiled.pattern_data
+            if var.get_value(borrow=True) is not self._data_seen[id(var)]
+            and not np.array_equal(var.get_value(borrow=True), self._data_seen[id(var)])
+        ]
+        if not changed:
+            return
+        new = sp.csr_matrix(self.compiled.repattern(), dtype=bool)
+        old = sp.csr_matrix(self.compiled.pattern, dtype=bool)
+        if new.shape != old.shape or (new > old).nnz:
+            raise ModelSpecificationError(
+                f"The data in {[var.name for var in changed]} changed after this marginal was compiled, and the new "
+                "values couple random effects that the compiled Hessian pattern keeps apart. Build the marginal "
+                "again (marginal(model, random=...)) after pm.set_data."
+            )
+        self._last = None
+        for var in changed:
+            self._data_seen[id(var)] = var.get_value(borrow=True)
 
     # -- keyed interface, as model.initial_point() keys the unconstrained values of theta
     def logp(self, point: Mapping[str, Any]) -> float:
@@ -138,6 +171,7 @@ class LaplaceMarginal:
     def solve_inner(self, theta: np.ndarray) -> InnerSolution:
         """The conditional mode of the random effects at ``theta`` (warm-started from the last solution)."""
         theta = np.asarray(theta, dtype=float)
+        self.check_data()
         if self._last is not None and np.array_equal(self._last.theta, theta):
             return self._last
         solution = self._newton(theta, self._warm_start.copy())
@@ -167,7 +201,7 @@ class LaplaceMarginal:
     def _newton(self, theta: np.ndarray, b: np.ndarray) -> InnerSolution:
         compiled, inner = self.compiled, self.inner
         labels = compiled.b_layout.labels
-        stalled, best_norm = 0, np.inf
+        stalled, best_norm, step_norm = 0, np.inf, np.nan
         for step in range(inner.max_steps + 1):
             logp, grad, hv = compiled.joint_newton(b, theta)
             if not (np.isfinite(logp) and np.all(np.isfinite(grad)) and np.all(np.isfinite(hv))):
@@ -181,18 +215,24 @@ class LaplaceMarginal:
             q = -hv
             grad_norm = float(np.max(np.abs(grad), initial=0.0))
             factor, bad_blocks = self.structure.factor(q)
-            # The log-determinant depends on b to first order, so b^ must be accurate: iterate to gtol, and
-            # accept "floating-point precision" only when full Newton steps stop reducing a small gradient.
+            # The log-determinant depends on b to first order, so b^ must be accurate: iterate until both the
+            # gradient and the Newton step are small, and accept "floating-point precision" only when full Newton
+            # steps stop reducing a small gradient.
             stalled = stalled + 1 if grad_norm >= 0.5 * best_norm else 0
             best_norm = min(best_norm, grad_norm)
-            if factor is not None and (grad_norm <= inner.gtol or (stalled >= 3 and grad_norm <= 1e2 * inner.gtol)):
-                return InnerSolution(theta, b, float(logp), factor, step, grad_norm)
+            if factor is not None:
+                direction = factor.solve(grad)
+                step_norm = float(np.max(np.abs(direction), initial=0.0))
+                step_tol = inner.xtol * (1.0 + float(np.max(np.abs(b), initial=0.0)))
+                small_gradient = grad_norm <= inner.gtol or (stalled >= 3 and grad_norm <= 1e2 * inner.gtol)
+                if small_gradient and step_norm <= step_tol:
+                    return InnerSolution(theta, b, float(logp), factor, step, grad_norm)
             if step == inner.max_steps:
                 break
             if factor is None:
                 scale = float(np.max(np.abs(q), initial=1.0))
                 factor = self.structure.damped(q, min_eig=1e-6 * scale)
-            direction = factor.solve(grad)
+                direction = factor.solve(grad)
             slope = float(grad @ direction)
             t = 1.0
             while t > 1e-12:
@@ -209,7 +249,8 @@ class LaplaceMarginal:
         worst = int(np.argmax(np.abs(grad)))
         raise InnerSolveError(
             f"The inner Newton solve for the random effects did not converge at theta = {self._describe(theta)}: "
-            f"after {step} steps max|dl/db| = {grad_norm:.3g} (at {labels[worst]}; gtol {inner.gtol:g})"
+            f"after {step} steps max|dl/db| = {grad_norm:.3g} (at {labels[worst]}; gtol {inner.gtol:g}), "
+            f"remaining Newton step {step_norm:.3g} (xtol {inner.xtol:g})"
             + (
                 f"; the Hessian block of {[labels[i] for i in bad_blocks[:5]]} is not negative definite"
                 if bad_blocks.size

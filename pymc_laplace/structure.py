@@ -11,16 +11,24 @@ the pattern may then be too large, never too small.
 The index maps of structural ops are found by running the op's own ``perform`` on arrays of element indices,
 so every indexing and reshaping variant pytensor supports is covered by the op's own semantics. This needs the
 values of the non-``wrt`` inputs (index arrays, shapes), obtained by evaluating the graph once at a point.
+
+The pattern is structural in the other inputs (the outer parameters): where a matrix that multiplies ``wrt``
+depends on them, the walk uses where that matrix *can* be nonzero for some value of them (a nonzero mask
+propagated from the graph's constants), never its values at the point. Values of data containers (shared
+variables: index arrays, design matrices) are read, and the walk lists the containers it read so that a caller
+can check that the pattern still holds after ``pm.set_data``.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytensor
+import pytensor.tensor as pt
 import scipy.sparse as sp
 from pytensor import scalar as ps
 from pytensor.graph.basic import Constant, Variable
@@ -30,15 +38,21 @@ try:  # pytensor >= 2.3x moved graph walks to pytensor.graph.traversal
 except ImportError:  # pragma: no cover
     from pytensor.graph.basic import graph_inputs, io_toposort
 from pytensor.tensor.basic import Alloc, Join, MakeVector, Split
+from pytensor.tensor.blockwise import Blockwise
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.math import Dot, Sum
 from pytensor.tensor.shape import Reshape, SpecifyShape
-from pytensor.tensor.subtensor import AdvancedSubtensor, Subtensor
+from pytensor.tensor.subtensor import AdvancedIncSubtensor, AdvancedSubtensor, IncSubtensor, Subtensor
 
-try:  # pytensor 3 folds AdvancedSubtensor1 into AdvancedSubtensor
-    from pytensor.tensor.subtensor import AdvancedSubtensor1
+try:  # pytensor 3 moved the linear-algebra ops to pytensor.tensor.linalg
+    from pytensor.tensor.linalg import SolveBase
 except ImportError:  # pragma: no cover
-    AdvancedSubtensor1 = AdvancedSubtensor
+    from pytensor.tensor.slinalg import SolveBase
+
+try:  # pytensor 3 folds AdvancedSubtensor1 and AdvancedIncSubtensor1 into the general ops
+    from pytensor.tensor.subtensor import AdvancedIncSubtensor1, AdvancedSubtensor1
+except ImportError:  # pragma: no cover
+    AdvancedSubtensor1, AdvancedIncSubtensor1 = AdvancedSubtensor, AdvancedIncSubtensor
 
 # Elementwise scalar ops that are linear in each argument separately (products are handled apart).
 _LINEAR_SCALAR_OPS = (ps.Add, ps.Sub, ps.Neg, ps.Identity, ps.Cast)
@@ -53,6 +67,26 @@ def _is_identity_like(op: Any) -> bool:
         "CheckParameterValue", "Assert", "CheckAndRaise", "ViewOp", "OutputGuard", "DeepCopyOp", "ScalarFromTensor",
         "TensorFromScalar",
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GraphPattern:
+    """What the graph walk found.
+
+    Attributes
+    ----------
+    pattern : scipy.sparse.csr_matrix
+        Bool (n x n), symmetric: ``True`` wherever the Hessian can be nonzero.
+    fallback_ops : tuple of str
+        Ops without a rule whose safe fallback coupled elements that were not coupled before (the pattern may be
+        denser than needed because of them).
+    data_inputs : tuple of Variable
+        The shared variables (data containers) whose values the walk read: the pattern holds for those values.
+    """
+
+    pattern: sp.csr_matrix
+    fallback_ops: tuple[str, ...]
+    data_inputs: tuple[Variable, ...]
 
 
 def hessian_pattern(
@@ -70,13 +104,25 @@ def hessian_pattern(
         A 1-D input of the graph of ``cost``.
     point : dict, optional
         Values of the root inputs of the graph (``wrt`` included), used to evaluate index arrays and shapes once.
-        Defaults to zeros of each input's static shape (``wrt``'s static length must be known then).
+        Defaults to zeros of each input's static shape (``wrt``'s static length must be known then). The pattern
+        does not depend on the values given to the other inputs, only on their shapes.
 
     Returns
     -------
     scipy.sparse.csr_matrix
-        ``True`` wherever the Hessian may be nonzero.
+        ``True`` wherever the Hessian may be nonzero, for any value of the inputs other than data containers.
     """
+    return walk_hessian_pattern(cost, wrt, point).pattern
+
+
+def walk_hessian_pattern(
+    cost: Variable,
+    wrt: Variable,
+    point: Mapping[Variable, np.ndarray] | None = None,
+    *,
+    warn: bool = True,
+) -> GraphPattern:
+    """:func:`hessian_pattern` with the ops that fell back and the data containers that were read."""
     inputs = [v for v in graph_inputs([cost]) if not isinstance(v, Constant)]
     values = dict(point or {})
     for var in inputs:
@@ -92,23 +138,113 @@ def hessian_pattern(
     )
     computed = evaluate(*[values[v] for v in inputs if not hasattr(v, "get_value")])
     value_of: dict[Variable, np.ndarray] = {v: np.asarray(x) for v, x in zip(variables, computed, strict=True)}
+    data_inputs = tuple(v for v in inputs if hasattr(v, "get_value"))
     for v in inputs:
         value_of[v] = np.asarray(values[v]) if not hasattr(v, "get_value") else np.asarray(v.get_value())
+    # where each variable that does not depend on wrt can be nonzero; parameters can be anything
+    nonzero: dict[Variable, np.ndarray] = {
+        v: (value_of[v] != 0) if hasattr(v, "get_value") else np.ones(np.shape(value_of[v]), dtype=bool) for v in inputs
+    }
+    free = {v for v in inputs if not hasattr(v, "get_value")}  # variables that depend on the parameters
 
     deps: dict[Variable, sp.csr_matrix] = {wrt: sp.identity(n, dtype=bool, format="csr")}
     hessian = sp.csr_matrix((n, n), dtype=bool)
+    fallbacks: list[str] = []
     for node in nodes:
+        if any(i in free for i in node.inputs):
+            free.update(node.outputs)
         dependent = [i for i in node.inputs if i in deps]
         if not dependent:
+            for out, mask in zip(node.outputs, _nonzero_masks(node, nonzero, value_of, free), strict=True):
+                nonzero[out] = mask
             continue
-        outputs, nonlinear = _propagate(node, deps, value_of, n)
+        outputs, nonlinear, fell_back = _propagate(node, deps, value_of, nonzero, n)
+        if fell_back:
+            fallbacks.append(str(node.op))
         for out, d in zip(node.outputs, outputs, strict=True):
             if d is not None:
                 deps[out] = d
         for d in nonlinear:
             hessian = hessian + (d.T @ d).astype(bool)
-    hessian = (hessian + hessian.T).astype(bool)
-    return sp.csr_matrix(hessian)
+    hessian = sp.csr_matrix((hessian + hessian.T).astype(bool))
+    if fallbacks and warn:
+        warnings.warn(
+            f"Hessian pattern: no rule for {sorted(set(fallbacks))}; each output of these ops is taken to depend on "
+            "every element its inputs depend on, which coupled random effects that are otherwise independent (the "
+            "pattern may be denser, and the inner solve slower, than needed; it is never too sparse)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return GraphPattern(hessian, tuple(dict.fromkeys(fallbacks)), data_inputs)
+
+
+# Elementwise scalar ops whose output is nonzero only where some input is (or, for products, every input is).
+_NONZERO_IF_ANY = (ps.Add, ps.Sub, ps.Switch)
+_NONZERO_IF_ALL = (ps.Mul,)
+_NONZERO_LIKE_FIRST = (ps.Neg, ps.Identity, ps.Cast, ps.Abs, ps.Sqr, ps.Sqrt, ps.TrueDiv, ps.Sign)
+# Ops that only move, select, sum or multiply elements: run on 0/1 masks, their output is nonzero at most where
+# the result is (no cancellation can occur among non-negative numbers).
+_MASK_SAFE_OPS = (
+    DimShuffle, Subtensor, AdvancedSubtensor1, AdvancedSubtensor, Reshape, SpecifyShape, Alloc, Join, MakeVector,
+    Split, IncSubtensor, AdvancedIncSubtensor1, AdvancedIncSubtensor, Dot,
+)  # fmt: skip
+
+
+def _nonzero_masks(
+    node: Any,
+    nonzero: Mapping[Variable, np.ndarray],
+    value_of: Mapping[Variable, np.ndarray],
+    free: set[Variable],
+) -> list[np.ndarray]:
+    """Where each output of a node that does not depend on ``wrt`` can be nonzero, for any parameter value."""
+    outs = node.outputs
+    everywhere = [np.ones(np.shape(value_of.get(out, 0.0)), dtype=bool) for out in outs]
+
+    def mask_of(var: Variable) -> np.ndarray:
+        if isinstance(var, Constant):
+            return np.asarray(var.data) != 0
+        return nonzero.get(var, np.ones(np.shape(value_of.get(var, 0.0)), dtype=bool))
+
+    if not any(i in free for i in node.inputs):
+        # a function of constants and data only: its values are its structure
+        return [
+            np.asarray(value_of[out]) != 0 if out in value_of else e for out, e in zip(outs, everywhere, strict=True)
+        ]
+    op = node.op
+    try:
+        if isinstance(op, Elemwise):
+            masks = [mask_of(i) for i in node.inputs]
+            shape = np.shape(value_of[outs[0]])
+            scalar = op.scalar_op
+            if isinstance(scalar, ps.Switch):
+                masks = masks[1:]
+            if isinstance(scalar, _NONZERO_IF_ANY):
+                out = np.zeros(shape, dtype=bool)
+                for m in masks:
+                    out = out | np.broadcast_to(m, shape)
+                return [out] * len(outs)
+            if isinstance(scalar, _NONZERO_IF_ALL):
+                out = np.ones(shape, dtype=bool)
+                for m in masks:
+                    out = out & np.broadcast_to(m, shape)
+                return [out] * len(outs)
+            if isinstance(scalar, _NONZERO_LIKE_FIRST):
+                return [np.broadcast_to(masks[0], shape).copy()] * len(outs)
+            return everywhere
+        if isinstance(op, _MASK_SAFE_OPS) or (
+            isinstance(op, CAReduce) and isinstance(op.scalar_op, (ps.Add, ps.Mul, ps.ScalarMaximum))
+        ):
+            args = []
+            for i in node.inputs:
+                value = _value(i, value_of)
+                is_float = str(getattr(i.type, "dtype", "")).startswith("float")
+                args.append(mask_of(i).astype(value.dtype) if is_float else value)
+            storage = [[None] for _ in outs]
+            op.perform(node, args, storage)
+            return [np.asarray(cell[0]) != 0 for cell in storage]
+    except Exception:  # any surprise in running the op on masks: the safe answer
+        return everywhere
+    return everywhere
 
 
 def _value(var: Variable, value_of: Mapping[Variable, np.ndarray]) -> np.ndarray:
@@ -121,9 +257,7 @@ def _mapping_matrix(index_map: np.ndarray, in_size: int) -> sp.csr_matrix:
     """S (out x in) with S[e, index_map[e]] = 1."""
     index_map = np.asarray(index_map, dtype=np.int64).ravel()
     out_size = index_map.size
-    return sp.csr_matrix(
-        (np.ones(out_size, dtype=bool), (np.arange(out_size), index_map)), shape=(out_size, in_size)
-    )
+    return sp.csr_matrix((np.ones(out_size, dtype=bool), (np.arange(out_size), index_map)), shape=(out_size, in_size))
 
 
 def _run_on_indices(node: Any, position: int, value_of: Mapping[Variable, np.ndarray]) -> np.ndarray:
@@ -149,9 +283,14 @@ def _union(matrices: list[sp.csr_matrix]) -> sp.csr_matrix:
 
 
 def _propagate(
-    node: Any, deps: Mapping[Variable, sp.csr_matrix], value_of: Mapping[Variable, np.ndarray], n: int
-) -> tuple[list[sp.csr_matrix | None], list[sp.csr_matrix]]:
-    """Dependencies of the node's outputs, and the dependency matrices whose outer products enter the Hessian."""
+    node: Any,
+    deps: Mapping[Variable, sp.csr_matrix],
+    value_of: Mapping[Variable, np.ndarray],
+    nonzero: Mapping[Variable, np.ndarray],
+    n: int,
+) -> tuple[list[sp.csr_matrix | None], list[sp.csr_matrix], bool]:
+    """Dependencies of the node's outputs, the dependency matrices whose outer products enter the Hessian, and
+    whether the op had no rule (the safe fallback was used)."""
     op = node.op
     out_value = value_of.get(node.outputs[0])
     out_size = int(np.size(out_value)) if out_value is not None else None
@@ -160,10 +299,10 @@ def _propagate(
     if all(not str(getattr(out.type, "dtype", "float")).startswith(("float", "complex")) for out in node.outputs):
         # comparisons, masks and indices: no derivative flows through them
         empty = [sp.csr_matrix((max(int(np.size(value_of.get(out, 0))), 1), n), dtype=bool) for out in node.outputs]
-        return empty, []
+        return empty, [], False
 
     if _is_identity_like(op) and 0 in dependent:
-        return [deps[node.inputs[0]]] + [None] * (len(node.outputs) - 1), []
+        return [deps[node.inputs[0]]] + [None] * (len(node.outputs) - 1), [], False
 
     if isinstance(op, Elemwise):
         out_shape = np.shape(out_value)
@@ -178,28 +317,36 @@ def _propagate(
             nonlinear = []
         elif isinstance(scalar_op, ps.Switch):
             nonlinear = []  # piecewise: the condition is not differentiated, each branch enters linearly
+        elif isinstance(scalar_op, ps.Second) and dependent == [1]:
+            nonlinear = []  # fill: the second input broadcast to the first one's shape
         elif isinstance(scalar_op, ps.Mul) and len(dependent) == 1:
             nonlinear = []
         elif isinstance(scalar_op, ps.TrueDiv) and dependent == [0]:
             nonlinear = []
         else:
             nonlinear = [d_out]
-        return [d_out] * len(node.outputs), nonlinear
+        return [d_out] * len(node.outputs), nonlinear, False
 
     if isinstance(op, _MAPPING_OPS) and dependent == [0]:
         index = _run_on_indices(node, 0, value_of)
         in_size = int(np.size(_value(node.inputs[0], value_of)))
-        return [_mapping_matrix(index, in_size) @ deps[node.inputs[0]]], []
+        return [_mapping_matrix(index, in_size) @ deps[node.inputs[0]]], [], False
 
     if isinstance(op, Split) and dependent == [0]:  # each output is a slice of the input
         in_size = int(np.size(_value(node.inputs[0], value_of)))
         pieces = _run_all_on_indices(node, 0, value_of)
-        return [_mapping_matrix(piece, in_size) @ deps[node.inputs[0]] for piece in pieces], []
+        return [_mapping_matrix(piece, in_size) @ deps[node.inputs[0]] for piece in pieces], [], False
+
+    if isinstance(op, (IncSubtensor, AdvancedIncSubtensor1, AdvancedIncSubtensor)) and set(dependent) <= {0, 1}:
+        try:
+            return [_scatter(node, deps, value_of, dependent)], [], False
+        except Exception:  # an indexing variant the matching read cannot reproduce: the safe answer
+            return _fallback(node, deps, value_of, n)
 
     if isinstance(op, CAReduce):
         in_value = _value(node.inputs[0], value_of)
         if in_value.ndim == 0:  # reducing a scalar is the identity
-            return [deps[node.inputs[0]]], []
+            return [deps[node.inputs[0]]], [], False
         axes = tuple(range(in_value.ndim)) if op.axis is None else tuple(a % in_value.ndim for a in op.axis)
         keep = [a for a in range(in_value.ndim) if a not in axes]
         coords = np.indices(in_value.shape).reshape(in_value.ndim, -1)
@@ -211,7 +358,7 @@ def _propagate(
         )
         d_out = sp.csr_matrix((reduce @ deps[node.inputs[0]]).astype(bool))
         linear = isinstance(op, Sum) or isinstance(op.scalar_op, (ps.Add, ps.ScalarMaximum, ps.ScalarMinimum))
-        return [d_out], [] if linear else [d_out]
+        return [d_out], [] if linear else [d_out], False
 
     if isinstance(op, (Join, MakeVector)):
         start = 1 if _has_axis_input(node) else 0
@@ -227,29 +374,156 @@ def _propagate(
                 (np.ones(rows.size, dtype=bool), (rows, index[mask].astype(np.int64))), shape=(index.size, in_size)
             )
             mapped.append(select @ deps[node.inputs[k]])
-        return [_union(mapped)], []
+        return [_union(mapped)], [], False
 
     if isinstance(op, Dot) or type(op).__name__ in ("Dot22", "Gemv", "Dot22Scalar"):
         if len(dependent) == 1 and len(node.inputs) == 2:
             k = dependent[0]
-            other = _value(node.inputs[1 - k], value_of)
+            # where the other factor can be nonzero for some parameter value, not where it is nonzero now
+            other = _structural_nonzero(node.inputs[1 - k], value_of, nonzero)
             mine = _value(node.inputs[k], value_of)
-            pattern = sp.csr_matrix(np.atleast_2d(other != 0))
             if k == 1:  # C @ v or C @ V: out[i, q] <- V[j, q] where C[i, j] != 0
                 cols = 1 if mine.ndim == 1 else mine.shape[1]
-                if other.ndim == 1:
-                    pattern = sp.csr_matrix(np.atleast_2d(other != 0))
-                mapping = sp.kron(pattern, sp.identity(cols, dtype=bool), format="csr")
+                mapping = sp.kron(sp.csr_matrix(np.atleast_2d(other)), sp.identity(cols, dtype=bool), format="csr")
             else:  # v @ C or V @ C: out[p, j] <- V[p, i] where C[i, j] != 0
                 rows = 1 if mine.ndim == 1 else mine.shape[0]
-                pat = sp.csr_matrix(np.atleast_2d(other != 0).T if other.ndim == 2 else np.atleast_2d(other != 0))
+                pat = sp.csr_matrix(np.atleast_2d(other).T if other.ndim == 2 else np.atleast_2d(other))
                 mapping = sp.kron(sp.identity(rows, dtype=bool), pat, format="csr")
             d_out = sp.csr_matrix((mapping @ deps[node.inputs[k]]).astype(bool))
             if d_out.shape[0] == out_size:
-                return [d_out], []
+                return [d_out], [], False
         return _fallback(node, deps, value_of, n)
 
+    core = op.core_op if isinstance(op, Blockwise) else op
+    if len(node.outputs) == 1 and (isinstance(op, Blockwise) or isinstance(core, SolveBase)):
+        return _batched(node, core, deps, value_of, dependent, n)
+
     return _fallback(node, deps, value_of, n)
+
+
+def _structural_nonzero(
+    var: Variable, value_of: Mapping[Variable, np.ndarray], nonzero: Mapping[Variable, np.ndarray]
+) -> np.ndarray:
+    if isinstance(var, Constant):
+        return np.asarray(var.data) != 0
+    mask = nonzero.get(var)
+    return np.ones(np.shape(value_of[var]), dtype=bool) if mask is None else mask
+
+
+def _core_ndims(node: Any, core: Any) -> tuple[list[int], int]:
+    """Number of core (non-batch) dimensions of each input and of the output of a (possibly batched) op."""
+    if isinstance(node.op, Blockwise):
+        return [len(sig) for sig in node.op.inputs_sig], len(node.op.outputs_sig[0])
+    return [i.type.ndim for i in node.inputs], node.outputs[0].type.ndim
+
+
+def _batched(
+    node: Any,
+    core: Any,
+    deps: Mapping[Variable, sp.csr_matrix],
+    value_of: Mapping[Variable, np.ndarray],
+    dependent: list[int],
+    n: int,
+) -> tuple[list[sp.csr_matrix | None], list[sp.csr_matrix], bool]:
+    """Ops applied independently along batch dimensions (``Blockwise``, and linear solves).
+
+    Output elements of one batch index depend only on input elements of the same (broadcast) batch index. Within
+    a batch, a linear solve ``A^-1 B`` with only ``B`` depending on ``wrt`` couples the elements of each column
+    of ``B`` and is linear; any other core op couples everything within the batch and is taken as nonlinear.
+    """
+    in_core, out_core = _core_ndims(node, core)
+    out_shape = np.shape(value_of[node.outputs[0]])
+    batch_shape = out_shape[: len(out_shape) - out_core]
+    core_out_shape = out_shape[len(batch_shape) :]
+    n_batch = int(np.prod(batch_shape, dtype=np.int64))
+    out_index = np.arange(int(np.prod(out_shape, dtype=np.int64))).reshape(n_batch, -1)
+    solve_of_b = isinstance(core, SolveBase) and dependent == [1]
+    mapped = []
+    for k in dependent:
+        value = _value(node.inputs[k], value_of)
+        core_shape = value.shape[value.ndim - in_core[k] :]
+        index = np.arange(value.size).reshape(value.shape)
+        index = index.reshape((1,) * (len(batch_shape) - (value.ndim - in_core[k])) + value.shape)
+        index = np.broadcast_to(index, batch_shape + core_shape).reshape(n_batch, -1)
+        if solve_of_b and len(core_shape) == 2 and len(core_out_shape) == 2:
+            # column q of the result depends on column q of B only
+            m, cols = core_shape
+            rows_in = index.reshape(n_batch, m, cols)
+            rows_out = out_index.reshape(n_batch, m, cols)
+            out_e = np.broadcast_to(rows_out[:, :, None, :], (n_batch, m, m, cols))
+            in_e = np.broadcast_to(rows_in[:, None, :, :], (n_batch, m, m, cols))
+        else:
+            out_e = np.broadcast_to(out_index[:, :, None], (n_batch, out_index.shape[1], index.shape[1]))
+            in_e = np.broadcast_to(index[:, None, :], out_e.shape)
+        select = sp.csr_matrix(
+            (np.ones(out_e.size, dtype=bool), (out_e.ravel(), in_e.ravel())), shape=(out_index.size, value.size)
+        )
+        mapped.append(select @ deps[node.inputs[k]])
+    d_out = sp.csr_matrix(_union(mapped).astype(bool))
+    return [d_out], [] if solve_of_b else [d_out], False
+
+
+def _scatter(
+    node: Any,
+    deps: Mapping[Variable, sp.csr_matrix],
+    value_of: Mapping[Variable, np.ndarray],
+    dependent: list[int],
+) -> sp.csr_matrix:
+    """``set_subtensor`` / ``inc_subtensor``: the written elements come from ``y``, the others from ``x``.
+
+    Which element of ``x`` each element of ``y`` lands on is found by the matching read (``x[idx]``) run on the
+    indices of ``x``; an increment keeps ``x``'s dependencies where it writes, a set drops them.
+    """
+    x_value = _value(node.inputs[0], value_of)
+    idx = [_value(i, value_of) for i in node.inputs[2:]]
+    op = node.op
+    if isinstance(op, IncSubtensor):
+        read_op = Subtensor(op.idx_list)
+    elif isinstance(op, AdvancedIncSubtensor1) and AdvancedIncSubtensor1 is not AdvancedIncSubtensor:
+        read_op = AdvancedSubtensor1()
+    else:
+        read_op = AdvancedSubtensor(op.idx_list) if getattr(op, "idx_list", None) is not None else AdvancedSubtensor()
+    x_index = np.arange(x_value.size, dtype=np.float64).reshape(x_value.shape)
+    read_node = read_op.make_node(pt.as_tensor(x_index), *[pt.as_tensor(v) for v in idx])
+    storage: list[list[Any]] = [[None]]
+    read_op.perform(read_node, [x_index, *idx], storage)
+    targets = np.asarray(storage[0][0]).astype(np.int64)
+    y_value = _value(node.inputs[1], value_of)
+    targets = np.asarray(targets)
+    written = np.zeros(x_value.size, dtype=bool)
+    written[targets.ravel()] = True
+    mapped = []
+    if 0 in dependent:
+        keep = np.ones(x_value.size, dtype=bool) if not getattr(op, "set_instead_of_inc", False) else ~written
+        rows = np.flatnonzero(keep)
+        mapped.append(
+            sp.csr_matrix((np.ones(rows.size, dtype=bool), (rows, rows)), shape=(x_value.size, x_value.size))
+            @ deps[node.inputs[0]]
+        )
+    if 1 in dependent:
+        y_index = np.broadcast_to(np.arange(y_value.size).reshape(y_value.shape), targets.shape)
+        mapped.append(
+            sp.csr_matrix(
+                (np.ones(targets.size, dtype=bool), (targets.ravel(), y_index.ravel())),
+                shape=(x_value.size, y_value.size),
+            )
+            @ deps[node.inputs[1]]
+        )
+    return _union(mapped)
+
+
+def _basic_index(idx_list: Any, values: list[np.ndarray]) -> tuple:
+    """The numpy index of a basic ``Subtensor``/``IncSubtensor`` from its ``idx_list`` and index inputs."""
+    inputs = iter(values)
+
+    def entry(item: Any) -> Any:
+        if isinstance(item, slice):
+            return slice(*(entry(p) if p is not None else None for p in (item.start, item.stop, item.step)))
+        if isinstance(item, int | np.integer) and not isinstance(item, bool):
+            return int(item)
+        return int(next(inputs))
+
+    return tuple(entry(item) for item in idx_list)
 
 
 def _has_axis_input(node: Any) -> bool:
@@ -276,20 +550,19 @@ def _run_on_indices_join(node: Any, position: int, value_of: Mapping[Variable, n
 
 def _fallback(
     node: Any, deps: Mapping[Variable, sp.csr_matrix], value_of: Mapping[Variable, np.ndarray], n: int
-) -> tuple[list[sp.csr_matrix | None], list[sp.csr_matrix]]:
-    """Every output element depends on everything any input depends on; the op is treated as nonlinear."""
-    warnings.warn(
-        f"Hessian pattern: no rule for {node.op}; assuming each of its outputs depends on every random effect its "
-        "inputs depend on (the pattern may be denser than needed)",
-        UserWarning,
-        stacklevel=3,
-    )
+) -> tuple[list[sp.csr_matrix | None], list[sp.csr_matrix], bool]:
+    """Every output element depends on everything any input depends on; the op is treated as nonlinear.
+
+    The third value says whether this coupled elements that were not coupled before (then the caller reports
+    the op by name)."""
     row = _union([sp.csr_matrix(deps[i].sum(axis=0).astype(bool)) for i in node.inputs if i in deps])
     outputs = []
     for out in node.outputs:
         size = int(np.size(value_of[out])) if out in value_of else 1
         outputs.append(sp.csr_matrix(sp.vstack([row] * max(size, 1)).astype(bool)))
-    return outputs, [row]
+    # it only matters when it couples: some input element that did not already depend on all of them
+    widest = max(int(np.diff(deps[i].indptr).max(initial=0)) for i in node.inputs if i in deps)
+    return outputs, [row], row.nnz > widest
 
 
 def color_columns(pattern: sp.spmatrix) -> np.ndarray:
@@ -320,4 +593,4 @@ def recover_from_compressed(pattern: sp.spmatrix, colors: np.ndarray, products: 
     return sp.csr_matrix((values, (coo.row, coo.col)), shape=pattern.shape)
 
 
-__all__ = ["color_columns", "hessian_pattern", "recover_from_compressed"]
+__all__ = ["GraphPattern", "color_columns", "hessian_pattern", "recover_from_compressed", "walk_hessian_pattern"]
