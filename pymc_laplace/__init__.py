@@ -2,6 +2,7 @@
 
 from pymc_laplace.diagnostics import importance_resample, pareto_smooth
 from pymc_laplace.errors import (
+    BoundaryFitWarning,
     HessianNotPositiveDefiniteError,
     LaplaceError,
     ModelSpecificationError,
@@ -16,6 +17,7 @@ from pymc_laplace.optimize import NewtonOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoundaryFitWarning",
     "HessianNotPositiveDefiniteError",
     "InnerNewton",
     "InnerSolveError",

@@ -568,8 +568,11 @@ class CompiledSplit:
         the entries of ``Q^-1`` on ``Q``'s pattern, compressed like ``HV``.
     mixed_product : callable
         ``(b, theta, w) -> d/dtheta [w . dl/db]``.
-    cross_hessian : callable
-        ``(b, theta) -> d2l / (dtheta db)``, shape (n_theta, n_b).
+    cross_product : callable
+        ``(b, theta, v) -> d/db [v . dl/dtheta]``: a row of ``d2l / (dtheta db)`` for a unit ``v``.
+    likelihood : callable
+        ``(b, theta) -> (log p(y | b, theta), its gradient in theta)``: the observed variables' log density alone,
+        for a start of ``theta`` fitted with the random effects held at ``b`` (a GLM fit, as glmmTMB and lme4 start).
     prior : callable
         ``theta -> (log prior of theta with its Jacobian, gradient)``.
     natural : callable
@@ -595,7 +598,8 @@ class CompiledSplit:
     joint_newton: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
     outer_terms: Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
     mixed_product: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-    cross_hessian: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    cross_product: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    likelihood: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
     prior: Callable[[np.ndarray], list[np.ndarray]]
     natural: Callable[[np.ndarray], list[np.ndarray]]
     natural_labels: tuple[str, ...]
@@ -651,6 +655,7 @@ def compile_split(
         model, jacobian=True, rvs=list(model.observed_RVs) + random_rvs + list(model.potentials)
     )
     prior_density = model_log_density(model, jacobian=True, rvs=theta_rvs)
+    observed_density = model_log_density(model, jacobian=True, rvs=list(model.observed_RVs))
     natural_values = model.replace_rvs_by_values(theta_rvs)
     rv_shapes = model.eval_rv_shapes()
     natural_labels = tuple(
@@ -659,11 +664,15 @@ def compile_split(
         for label in element_labels(rv.name, tuple(rv_shapes[rv.name]), dims.get(rv.name), coords)
     )
     natural_flat = pt.concatenate([pt.flatten(v) for v in natural_values]) if natural_values else pt.zeros(0)
-    [l_b, prior_b, natural_b], b = join_nonshared_inputs(point, [joint_density, prior_density, natural_flat], b_values)
+    [l_b, prior_b, natural_b, obs_b], b = join_nonshared_inputs(
+        point, [joint_density, prior_density, natural_flat, observed_density], b_values
+    )
     if theta_values:
-        [joint_lp, prior, natural], theta = join_nonshared_inputs(point, [l_b, prior_b, natural_b], theta_values)
+        [joint_lp, prior, natural, loglik], theta = join_nonshared_inputs(
+            point, [l_b, prior_b, natural_b, obs_b], theta_values
+        )
     else:
-        joint_lp, prior, natural, theta = l_b, prior_b, natural_b, pt.vector("theta_empty")
+        joint_lp, prior, natural, loglik, theta = l_b, prior_b, natural_b, obs_b, pt.vector("theta_empty")
     b.name, theta.name = "b", "theta"
 
     theta_start = theta_layout.join(point) if theta_values else np.zeros(0)
@@ -681,19 +690,27 @@ def compile_split(
     dphi_db, dphi_dtheta = pt.grad(phi, [b, theta], disconnected_inputs="ignore")
     w = pt.vector("w")
     mixed = pt.grad(pt.sum(w * grad_b), theta, disconnected_inputs="ignore")
-    cross = pytensor.gradient.jacobian(grad_theta, b, vectorize=True, disconnected_inputs="ignore")
+    # rows of d2l/(dtheta db) one at a time, d/db [v . dl/dtheta]: one reverse pass over the gradient in theta
+    v = pt.vector("v")
+    cross_row = pt.grad(pt.sum(v * grad_theta), b, disconnected_inputs="ignore")
     prior_grad = pt.grad(prior, theta, disconnected_inputs="ignore")
+    loglik_grad = pt.grad(loglik, theta, disconnected_inputs="ignore")
     natural_jacobian = pytensor.gradient.jacobian(natural, theta, vectorize=True, disconnected_inputs="ignore")
 
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
 
-    def lazy(inputs: list, outputs: Any) -> Callable:
-        """Compile on first use: the third-derivative graphs are costly and a value-only use never needs them."""
+    def lazy(inputs: list, outputs: Any, *, called_often: bool = True) -> Callable:
+        """Compile on first use: the third-derivative graphs are costly and a value-only use never needs them.
+
+        A function called only a few times a fit is compiled with pytensor's FAST_COMPILE mode (few rewrites):
+        optimising its graph would cost far more than it saves.
+        """
         compiled_fn: list[Callable] = []
+        options = kwargs if called_often or "mode" in kwargs else {**kwargs, "mode": "FAST_COMPILE"}
 
         def call(*args: np.ndarray) -> Any:
             if not compiled_fn:
-                compiled_fn.append(compile_graph(inputs, outputs, **kwargs))
+                compiled_fn.append(compile_graph(inputs, outputs, **options))
             return compiled_fn[0](*args)
 
         return call
@@ -712,9 +729,10 @@ def compile_split(
         joint_newton=lazy([b, theta], [joint_lp, grad_b, hv]),
         outer_terms=lazy([b, theta, compressed_inverse], [grad_theta, dphi_db, dphi_dtheta]),
         mixed_product=lazy([b, theta, w], mixed),
-        cross_hessian=lazy([b, theta], cross),
+        cross_product=lazy([b, theta, v], cross_row, called_often=False),
+        likelihood=lazy([b, theta], [loglik, loglik_grad], called_often=False),
         prior=lazy([theta], [prior, prior_grad]),
-        natural=lazy([theta], [natural, natural_jacobian]),
+        natural=lazy([theta], [natural, natural_jacobian], called_often=False),
         natural_labels=natural_labels,
         joint=joint,
         theta_in_joint=layout.indices(list(theta_layout.names)) if theta_values else np.zeros(0, dtype=int),

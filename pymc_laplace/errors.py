@@ -25,3 +25,7 @@ class OptimizationError(LaplaceError):
 
 class HessianNotPositiveDefiniteError(LaplaceError):
     """The negative Hessian at the optimum is not positive definite: the Gaussian approximation does not exist."""
+
+
+class BoundaryFitWarning(UserWarning):
+    """Parameters estimated on the boundary of their space (a variance at zero, a correlation at +-1)."""

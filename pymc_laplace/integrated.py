@@ -11,14 +11,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pymc as pm
+import scipy.linalg
 import scipy.optimize
 
 from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
 from pymc_laplace.compile import compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
-from pymc_laplace.errors import HessianNotPositiveDefiniteError, ModelSpecificationError
-from pymc_laplace.gaussian import gaussian_from_precision
+from pymc_laplace.errors import BoundaryFitWarning, HessianNotPositiveDefiniteError, ModelSpecificationError
+from pymc_laplace.gaussian import describe_direction, gaussian_from_precision
 from pymc_laplace.laplace import evaluate_draws
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 
@@ -105,20 +106,35 @@ class OuterResult:
 
 @dataclass(frozen=True)
 class OuterOptimizer:
-    """Quasi-Newton on the exact gradient of the marginal, then Newton steps with its differenced Hessian.
+    """Trust-region Newton on the exact gradient of the marginal and its differenced Hessian, then Newton polish.
+
+    The Hessian of the objective is the central difference of its exact gradient (as TMB's ``sdreport``); with
+    it, a trust-region Newton method (as nlminb's PORT routines) moves through the regions of negative curvature
+    that a start far from the optimum meets, where quasi-Newton methods stop at a saddle or a boundary maximum.
 
     Parameters
     ----------
+    start : {"likelihood", "initial"}
+        ``"likelihood"`` (default, as glmmTMB and lme4 start): first fit the observed variables' log likelihood with
+        the random effects held at their initial values (a GLM fit; parameters that do not enter it, such as the
+        scales of the random effects, stay at their initial values), and start from there. ``"initial"``: start
+        from the model's initial point. Start values given as ``initvals`` are always used as given.
+    method : {"trust-newton", "bfgs"}
+        ``"trust-newton"``: SciPy's ``trust-exact`` with the differenced Hessian (``1 + 2 dim(theta)`` gradient
+        evaluations an iteration); ``"bfgs"``: quasi-Newton on the gradient alone, cheaper per iteration for a
+        long ``theta``. Either way the result is polished by Newton steps.
     gtol : float
         Converged when ``max |d objective / d theta| <= gtol`` after polishing.
     max_iterations : int
-        BFGS iterations allowed.
+        Iterations allowed.
     hessian_step : float
         Relative step of the central differences of the exact gradient that give the Hessian (as TMB does).
     polish_steps : int
-        Newton steps with that Hessian after BFGS.
+        Newton steps with that Hessian after the main method.
     """
 
+    start: Literal["likelihood", "initial"] = "likelihood"
+    method: Literal["trust-newton", "bfgs"] = "trust-newton"
     gtol: float = 1e-6
     max_iterations: int = 500
     hessian_step: float = 1e-4
@@ -127,6 +143,8 @@ class OuterOptimizer:
     def maximize(
         self, value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], theta0: np.ndarray
     ) -> OuterResult:
+        if self.method not in ("trust-newton", "bfgs"):
+            raise ModelSpecificationError(f"OuterOptimizer(method={self.method!r}): use 'trust-newton' or 'bfgs'.")
         start = time.perf_counter()
         evaluations = 0
 
@@ -137,14 +155,39 @@ class OuterOptimizer:
                 value, grad = value_and_grad(theta)
             except InnerSolveError:
                 return np.inf, np.zeros_like(theta)
-            if not np.isfinite(value):
+            if not (np.isfinite(value) and np.all(np.isfinite(grad))):
                 return np.inf, np.zeros_like(theta)
             return -value, -grad
 
-        bfgs = scipy.optimize.minimize(
-            negated, np.asarray(theta0, dtype=float), jac=True, method="BFGS",
-            options={"gtol": self.gtol, "maxiter": self.max_iterations},
-        )  # fmt: skip
+        def negated_hessian(theta: np.ndarray) -> np.ndarray:
+            nonlocal evaluations
+            evaluations += 2 * theta.size
+            try:
+                hessian = -self.hessian(value_and_grad, theta)
+            except InnerSolveError:
+                hessian = np.full((theta.size, theta.size), np.nan)
+            # at the edge of what can be evaluated the step is proposed on a unit model and the trust region shrinks
+            # on the objective's values alone (the Hessian reported at the end is computed afresh)
+            return hessian if np.all(np.isfinite(hessian)) else np.eye(theta.size)
+
+        theta0 = np.asarray(theta0, dtype=float)
+        if self.method == "trust-newton":
+            bfgs = scipy.optimize.minimize(
+                negated, theta0, jac=True, hess=negated_hessian, method="trust-exact",
+                options={"gtol": self.gtol, "maxiter": self.max_iterations},
+            )  # fmt: skip
+            if not np.isfinite(bfgs.fun):  # nothing evaluable was found: fall back to the gradient alone
+                bfgs = scipy.optimize.minimize(
+                    negated,
+                    theta0,
+                    jac=True,
+                    method="BFGS",
+                    options={"gtol": self.gtol, "maxiter": self.max_iterations},
+                )
+        else:
+            bfgs = scipy.optimize.minimize(
+                negated, theta0, jac=True, method="BFGS", options={"gtol": self.gtol, "maxiter": self.max_iterations}
+            )
         theta = bfgs.x
         value, grad = value_and_grad(theta)
         hessian = self.hessian(value_and_grad, theta)
@@ -190,11 +233,89 @@ class OuterOptimizer:
         out = np.empty((n, n))
         for i in range(n):
             h = self.hessian_step * max(1.0, abs(theta[i]))
-            up, down = theta.copy(), theta.copy()
-            up[i] += h
-            down[i] -= h
-            out[:, i] = (value_and_grad(up)[1] - value_and_grad(down)[1]) / (2.0 * h)
+            for _ in range(3):  # a step into a region the inner solve cannot handle is retried shorter
+                up, down = theta.copy(), theta.copy()
+                up[i] += h
+                down[i] -= h
+                try:
+                    out[:, i] = (value_and_grad(up)[1] - value_and_grad(down)[1]) / (2.0 * h)
+                    break
+                except InnerSolveError as err:
+                    failure, h = err, h / 10.0
+            else:
+                raise InnerSolveError(
+                    f"The curvature of the objective at the estimate could not be differenced along parameter {i}: "
+                    f"the inner solve fails within {10 * h:.2g} of the estimate ({failure}). The estimate is at the "
+                    "edge of the region where the model can be evaluated; check the parameter's bounds or the model."
+                ) from failure
         return 0.5 * (out + out.T)
+
+
+# A direction is on the boundary when moving this far along it (unconstrained scale) ...
+BOUNDARY_PROBE = 10.0
+# ... changes the objective by less than this (log-likelihood units); only directions whose curvature is below
+# BOUNDARY_CANDIDATE_RTOL times the largest are probed.
+BOUNDARY_TOLERANCE = 1e-3
+BOUNDARY_CANDIDATE_RTOL = 1e-4
+# Theta draws whose inner solve fails are drawn again at most this many times in a row.
+MAX_REDRAWS = 10
+
+
+def boundary_directions(
+    value: Callable[[np.ndarray], float], theta: np.ndarray, objective: float, neg_hessian: np.ndarray
+) -> np.ndarray:
+    """Unit directions along which the estimate sits on the boundary of the parameter space (a "singular fit").
+
+    A log standard deviation drifting to -inf (a variance at zero), the log of a Cholesky diagonal doing so (a
+    correlation at +-1), or a zero-inflation probability going to 0 or 1 ends the optimisation far out on the
+    unconstrained scale, where the objective is flat: its gradient and its curvature vanish together. Such a
+    direction is a direction of negligible curvature (an eigenvector of the negative Hessian) along which moving
+    ``BOUNDARY_PROBE`` further leaves the objective unchanged to ``BOUNDARY_TOLERANCE``. A weakly identified but
+    interior parameter is not one: moving it that far changes the fit.
+
+    Returns
+    -------
+    ndarray, shape (k, n)
+        Orthonormal rows.
+    """
+    if theta.size == 0 or not np.all(np.isfinite(neg_hessian)):
+        return np.zeros((0, theta.size))
+    eigenvalues, vectors = np.linalg.eigh(0.5 * (neg_hessian + neg_hessian.T))
+    scale = max(float(np.max(np.abs(eigenvalues))), np.finfo(float).tiny)
+    found = []
+    for k in np.flatnonzero(np.abs(eigenvalues) <= BOUNDARY_CANDIDATE_RTOL * scale):
+        direction = vectors[:, k]
+        for sign in (1.0, -1.0):
+            try:
+                probed = value(theta + sign * BOUNDARY_PROBE * direction)
+            except InnerSolveError:
+                continue
+            if np.isfinite(probed) and probed >= objective - BOUNDARY_TOLERANCE:
+                found.append(sign * direction)
+                break
+    return np.array(found).reshape(-1, theta.size)
+
+
+def likelihood_start(
+    likelihood: Callable[[np.ndarray, np.ndarray], list[np.ndarray]], b: np.ndarray, theta0: np.ndarray
+) -> np.ndarray:
+    """``theta`` maximising ``log p(y | b, theta)`` with the random effects held at ``b`` (a GLM fit), from ``theta0``.
+
+    Parameters that do not enter the likelihood given ``b`` have no gradient and stay at ``theta0``. If this fit
+    fails or does not improve on ``theta0``, ``theta0`` is returned: it is only a start.
+    """
+
+    def negated(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grad = likelihood(b, theta)
+        if not (np.isfinite(value) and np.all(np.isfinite(grad))):
+            return np.inf, np.zeros_like(theta)
+        return -float(value), -np.asarray(grad, dtype=float)
+
+    if theta0.size == 0:
+        return theta0
+    at_start = negated(theta0)[0]
+    fitted = scipy.optimize.minimize(negated, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 200})
+    return fitted.x if np.isfinite(fitted.fun) and fitted.fun <= at_start else theta0
 
 
 def fit_integrated_laplace(
@@ -212,6 +333,7 @@ def fit_integrated_laplace(
     ridge: float = 0.0,
     idata_kwargs: Mapping[str, Any] | None = None,
     compile_kwargs: Mapping[str, Any] | None = None,
+    compiled_marginal: LaplaceMarginal | None = None,
 ) -> Any:
     """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
 
@@ -234,6 +356,9 @@ def fit_integrated_laplace(
     inner : InnerNewton, optional
     ridge : float
         Added to the negative Hessian of the objective before inverting it (recorded in the attrs).
+    compiled_marginal : LaplaceMarginal, optional
+        What :func:`marginal` compiled for this model and these random effects, reused as it is (its own
+        ``inner`` settings and start point; ``inner``, ``initvals`` and ``compile_kwargs`` are then not used).
 
     Returns
     -------
@@ -260,7 +385,15 @@ def fit_integrated_laplace(
             "left to optimise once they are integrated out. Use fit_laplace(model) for a Laplace fit of all of "
             "them, or leave a parameter (e.g. a scale or a mean) out of `random`."
         )
-    laplace = marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
+    if compiled_marginal is None:
+        laplace = marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
+    else:
+        laplace = compiled_marginal
+        if list(laplace.compiled.b_layout.names) != random_values:
+            raise ModelSpecificationError(
+                f"`compiled_marginal` integrates out {list(laplace.compiled.b_layout.names)}, not `random` = "
+                f"{random_values}; build it with marginal(model, random=...) for the same random effects."
+            )
     compiled = laplace.compiled
     optimizer = optimizer or OuterOptimizer()
     rng = np.random.default_rng(random_seed)
@@ -279,55 +412,110 @@ def fit_integrated_laplace(
             bar.update(advance=1, status=f"objective {value:.6g}")
             return value, grad
 
-        outer = optimizer.maximize(tracked, compiled.theta_start)
-    if not outer.success:
+        theta0 = compiled.theta_start
+        if optimizer.start == "likelihood" and not initvals:
+            theta0 = likelihood_start(compiled.likelihood, compiled.b_start, theta0)
+        outer = optimizer.maximize(tracked, theta0)
+    theta_labels = compiled.theta_layout.labels
+    boundary = boundary_directions(lambda theta: objective(theta)[0], outer.theta, outer.objective, -outer.hessian)
+    described = [describe_direction(direction, theta_labels) for direction in boundary]
+    if boundary.size:
+        warnings.warn(
+            f"boundary (singular) fit: the estimate is on the boundary of the parameter space along {described} "
+            f"(moving further that way changes the log marginal likelihood by less than {BOUNDARY_TOLERANCE:g}): a "
+            "variance of the random effects at zero, a correlation at +-1, or a probability at 0 or 1. The "
+            "estimates are returned and held there: the standard errors of the parameters involved are not "
+            "defined (NaN) and the draws do not move along these directions. Consider simplifying the model.",
+            BoundaryFitWarning,
+            stacklevel=2,
+        )
+    elif not outer.success:
         warnings.warn(
             f"The outer optimisation did not converge: {outer.message}. Estimates and standard errors are "
             "reported at the last point; do not trust them without checking (e.g. restart from other values).",
             UserWarning,
             stacklevel=2,
         )
-    theta_labels = compiled.theta_layout.labels
+    # the Gaussian of theta lives on the complement of the boundary directions (all of theta in the usual case)
+    n_theta = outer.theta.size
+    if boundary.size:
+        complement = scipy.linalg.null_space(boundary)
+        reduced_labels = [describe_direction(column, theta_labels) for column in complement.T]
+    else:
+        complement, reduced_labels = np.eye(n_theta), list(theta_labels)
     try:
         gaussian = gaussian_from_precision(
-            outer.theta, -outer.hessian, theta_labels, ridge=ridge, what="Laplace marginal likelihood"
+            np.zeros(complement.shape[1]),
+            complement.T @ -outer.hessian @ complement,
+            reduced_labels,
+            ridge=ridge,
+            what="Laplace marginal likelihood",
         )
     except HessianNotPositiveDefiniteError as err:
         err.theta = dict(zip(theta_labels, outer.theta, strict=True))
         err.objective = outer.objective
         raise
+    covariance = complement @ gaussian.covariance @ complement.T
+    undefined = np.flatnonzero(np.any(np.abs(boundary) > 1e-6, axis=0)) if boundary.size else np.zeros(0, int)
+    reported_covariance = covariance.copy()
+    reported_covariance[undefined, :] = np.nan
+    reported_covariance[:, undefined] = np.nan
     solution = laplace.solve_inner(outer.theta)
     log_lik = laplace.value(outer.theta)
     jac = laplace.mode_jacobian(outer.theta)
-    b_var = solution.factor.diagonal_of_inverse() + np.einsum("ij,jk,ik->i", jac, gaussian.covariance, jac)
+    b_var = solution.factor.diagonal_of_inverse() + np.einsum("ij,jk,ik->i", jac, covariance, jac)
     n_params = outer.theta.size
     n_obs = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
 
     # joint draws: theta from its Gaussian, b from its conditional Gaussian given each theta
-    theta_draws = gaussian.sample(rng, (chains, draws)).reshape(-1, n_params)
+    reduced_draws = gaussian.sample(rng, (chains * draws,))
+    theta_draws = outer.theta + reduced_draws @ complement.T
     layout = compiled.joint.layout
     unconstrained = np.empty((theta_draws.shape[0], layout.size))
     log_q = np.empty(theta_draws.shape[0])
+    failed: list[str] = []
     with progress_bar("Random effects given theta", theta_draws.shape[0], enabled=progressbar) as bar:
-        for i, theta in enumerate(theta_draws):
-            sol = laplace.solve_inner(theta)
+        for i in range(theta_draws.shape[0]):
+            for attempt in range(MAX_REDRAWS + 1):
+                try:
+                    sol = laplace.solve_inner(theta_draws[i])
+                    break
+                except InnerSolveError as err:
+                    if attempt == MAX_REDRAWS:
+                        raise InnerSolveError(
+                            f"{MAX_REDRAWS + 1} successive theta draws could not be evaluated: {err}"
+                        ) from err
+                    failed.append(str(err))
+                    reduced_draws[i] = gaussian.sample(rng, (1,))[0]
+                    theta_draws[i] = outer.theta + complement @ reduced_draws[i]
             z = rng.standard_normal(sol.b.size)
             b_draw, log_q_b = sol.factor.sample_given(sol.b, z)
-            unconstrained[i, compiled.theta_in_joint] = theta
+            unconstrained[i, compiled.theta_in_joint] = theta_draws[i]
             unconstrained[i, compiled.b_in_joint] = b_draw
             log_q[i] = log_q_b
             bar.update(advance=1)
-    log_q += gaussian.logpdf(theta_draws)
+    if failed:
+        warnings.warn(
+            f"{len(failed)} of {theta_draws.shape[0]} theta draws could not be evaluated (the inner solve failed "
+            f"there) and were drawn again, which truncates the Gaussian of theta; the first failure: {failed[0]}",
+            UserWarning,
+            stacklevel=2,
+        )
+    log_q += gaussian.logpdf(reduced_draws)
     laplace.solve_inner(outer.theta)  # leave the warm start at the estimate
     posterior, log_p = evaluate_draws(compiled.joint, unconstrained.reshape(chains, draws, -1), progressbar=False)
 
     natural_values, natural_jac = compiled.natural(outer.theta)
-    natural_se = np.sqrt(np.einsum("ij,jk,ik->i", natural_jac, gaussian.covariance, natural_jac))
+    natural_jac = np.atleast_2d(natural_jac)
+    natural_se = np.sqrt(np.einsum("ij,jk,ik->i", natural_jac, covariance, natural_jac))
+    natural_se[np.any(natural_jac[:, undefined] != 0, axis=1)] = np.nan
     attrs = {
         "method": f"integrated_laplace_{method}",
         "random": list(compiled.b_layout.names),
         "ridge": float(ridge),
-        "outer_success": int(outer.success),
+        "outer_success": int(outer.success or boundary.size > 0),
+        "boundary": described,
+        "failed_theta_draws": len(failed),
     }
     result = build_result(
         posterior=posterior,
@@ -335,7 +523,7 @@ def fit_integrated_laplace(
         coords=compiled.joint.coords,
         sample_stats={"log_p": log_p, "log_q": log_q.reshape(chains, draws)},
         fit_vectors={"mean_vector": outer.theta},
-        fit_matrices={"covariance_matrix": gaussian.covariance},
+        fit_matrices={"covariance_matrix": reported_covariance},
         fit_scalars={
             "log_marginal_likelihood": log_lik,
             "objective": outer.objective,

@@ -33,6 +33,8 @@ LOG_2PI = float(np.log(2.0 * np.pi))
 # With factorization="auto", connected blocks of Q up to this size are factorised densely (batched by size);
 # a larger connected block sends Q to a sparse Cholesky.
 LARGEST_DENSE_BLOCK = 200
+# Up to this many random effects, d b^/d theta is assembled column by column from the compiled mixed product.
+MIXED_PRODUCT_COLUMNS = 2000
 
 
 class InnerSolveError(LaplaceError):
@@ -193,10 +195,22 @@ class LaplaceMarginal:
         return sol.log_marginal, np.asarray(grad_theta - 0.5 * dphi_dtheta - 0.5 * mixed, dtype=float)
 
     def mode_jacobian(self, theta: np.ndarray) -> np.ndarray:
-        """``d b^ / d theta = Q^-1 d2l/(db dtheta)``, shape (n_b, n_theta)."""
+        """``d b^ / d theta = Q^-1 d2l/(db dtheta)``, shape (n_b, n_theta).
+
+        The mixed second derivatives come from the compiled product ``d/dtheta [w . dl/db]`` (already compiled for
+        the gradient of the marginal) applied to each unit ``w`` while the random effects are few; beyond
+        ``MIXED_PRODUCT_COLUMNS`` from one reverse pass per outer parameter (``n_theta`` calls of a graph compiled
+        on first use, which can be slow to compile for multivariate random effects).
+        """
         sol = self.solve_inner(theta)
-        cross = np.atleast_2d(self.compiled.cross_hessian(sol.b, sol.theta))  # (n_theta, n_b)
-        return sol.factor.solve(np.ascontiguousarray(cross.T))
+        n_b = sol.b.size
+        if n_b <= MIXED_PRODUCT_COLUMNS:
+            columns = [self.compiled.mixed_product(sol.b, sol.theta, unit) for unit in np.eye(n_b)]
+            cross_t = np.array(columns).reshape(n_b, sol.theta.size)
+        else:
+            rows = [self.compiled.cross_product(sol.b, sol.theta, unit) for unit in np.eye(sol.theta.size)]
+            cross_t = np.array(rows).reshape(sol.theta.size, n_b).T
+        return sol.factor.solve(np.ascontiguousarray(cross_t))
 
     def _newton(self, theta: np.ndarray, b: np.ndarray) -> InnerSolution:
         compiled, inner = self.compiled, self.inner

@@ -28,7 +28,8 @@ class DenseLaplace:
         joint = model.logp(vars=[*model.observed_RVs, *rvs, *model.potentials], jacobian=True)
         grad = pt.concatenate([g.flatten() for g in pt.grad(joint, self.values)])
         hess = pt.concatenate(
-            [pytensor.gradient.jacobian(grad, v, vectorize=True).reshape((grad.shape[0], -1)) for v in self.values], axis=1
+            [pytensor.gradient.jacobian(grad, v, vectorize=True).reshape((grad.shape[0], -1)) for v in self.values],
+            axis=1,
         )
         self.fn = pytensor.function([*self.values, *self.others], [joint, grad, hess], on_unused_input="ignore")
         start = model.initial_point()

@@ -7,10 +7,9 @@ Every model in the catalogue is checked against pytensor's dense Hessian of PyMC
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
+import mixed_models  # examples/, put on the path by conftest
 import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
@@ -20,9 +19,6 @@ from dense_oracle import DenseLaplace
 from scipy.sparse.csgraph import connected_components
 
 from pymc_laplace import ModelSpecificationError, marginal
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import mixed_models  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ synthetic models
@@ -82,16 +78,19 @@ REAL = list(mixed_models.BUILDERS)
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def compiled(mixed_marginal):
     """(model, random, marginal, dense oracle) per catalogue entry, compiled once."""
     cache: dict[str, tuple] = {}
 
     def get(name: str) -> tuple:
         if name not in cache:
-            model, random = SYNTHETIC[name]() if name in SYNTHETIC else mixed_models.BUILDERS[name]()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("error", message="Hessian pattern")  # no fallback on these models
-                laplace = marginal(model, random=random)
+            if name in SYNTHETIC:
+                model, random = SYNTHETIC[name]()
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("error", message="Hessian pattern")  # no fallback on these models
+                    laplace = marginal(model, random=random)
+            else:
+                model, random, laplace = mixed_marginal(name)
             cache[name] = (model, random, laplace, DenseLaplace(model, random))
         return cache[name]
 

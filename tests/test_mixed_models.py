@@ -1,0 +1,125 @@
+"""The mixed models people fit every day, against glmmTMB's Laplace fits of the same data.
+
+Reference: ``reference/mixed_models.json``, made by ``reference/r/glmmtmb_mixed.R`` (glmmTMB 1.1.5, R 4.2.2) from
+the CSVs that ``reference/r/export_data.R`` exported from lme4 and glmmTMB. Estimates agree to 1e-4 (relative to
+``max(1, |estimate|)``) and our maximised log likelihood is at least glmmTMB's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pymc_laplace import BoundaryFitWarning, fit_integrated_laplace, summary
+from pymc_laplace._compat import get_group
+
+REFERENCE = json.loads((Path(__file__).resolve().parents[1] / "reference" / "mixed_models.json").read_text())
+
+
+def _reference(name: str) -> dict[str, float]:
+    """glmmTMB's estimates on the natural scale, keyed like ours."""
+    ref = REFERENCE[name]["glmmTMB"]
+    out = {}
+    for part, prefix in (("cond", "beta"), ("zi", "gamma")):
+        for label, entry in ref["fixed"].get(part, {}).items():
+            out[f"{prefix}[{label}]"] = entry["estimate"]
+    for group, entry in ref["varcorr"].items():
+        for effect, sd in entry["sd"].items():
+            out[f"sd {group} {effect}"] = sd
+        for pair, corr in entry.get("correlation", {}).items():
+            out[f"corr {group} {pair}"] = corr
+    if "sigma" in ref:
+        out["sigma"] = ref["sigma"]
+    if "nbinom2_theta" in ref:
+        out["theta"] = ref["nbinom2_theta"]
+    return out
+
+
+def _ours(name: str, natural: dict[str, float]) -> dict[str, float]:
+    """Our natural-scale estimates renamed to the reference's keys."""
+    out = {k: v for k, v in natural.items() if k.startswith(("beta[", "gamma["))}
+    if name == "sleepstudy":  # packed Cholesky factor [L00, L10, L11] of the (intercept, slope) covariance
+        l00, l10, l11 = (natural[f"chol[{i}]"] for i in range(3))
+        sd_slope = np.hypot(l10, l11)
+        out |= {"sd Subject (Intercept)": l00, "sd Subject Days": sd_slope}
+        out["corr Subject (Intercept),Days"] = l10 / sd_slope
+        out["beta[(Intercept)]"], out["beta[Days]"] = natural["beta[(Intercept)]"], natural["beta[Days]"]
+    if name == "penicillin":
+        out |= {"beta[(Intercept)]": natural["intercept"]}
+        out |= {"sd plate (Intercept)": natural["sd_plate"], "sd sample (Intercept)": natural["sd_sample"]}
+    if name == "grouseticks":
+        for group in ("BROOD", "INDEX", "LOCATION"):
+            out[f"sd {group} (Intercept)"] = natural[f"sd_{group.lower()}"]
+    if name.startswith("salamanders"):
+        out |= {"sd site (Intercept)": natural["sd_site"], "theta": natural["theta"]}
+    if name == "cbpp":
+        out["sd herd (Intercept)"] = natural["sigma"]
+    if "sigma" in natural and name in ("sleepstudy", "penicillin"):
+        out["sigma"] = natural["sigma"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fits(mixed_marginal):
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            model, random, laplace = mixed_marginal(name)
+            cache[name] = fit_integrated_laplace(
+                model, random=random, draws=20, chains=1, random_seed=1, progressbar=False, compiled_marginal=laplace
+            )
+        return cache[name]
+
+    return get
+
+
+CASES = ["sleepstudy", "penicillin", "grouseticks", "salamanders", "salamanders_zi_mined", "cbpp"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_estimates_and_log_likelihood_match_glmmtmb(fits, name):
+    result = fits(name)
+    table = summary(result)
+    natural = {label: row["estimate"] for label, row in table[table["scale"] == "natural"].iterrows()}
+    ours, expected = _ours(name, natural), _reference(name)
+    assert set(expected) <= set(ours), f"not compared: {set(expected) - set(ours)}"
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-4 * max(1.0, abs(value))), key
+    log_lik = float(get_group(result, "fit")["log_marginal_likelihood"])
+    reference = REFERENCE[name]["glmmTMB"]["logLik"]
+    assert reference - 1e-6 <= log_lik <= reference + 1e-3
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fixed_effect_standard_errors_match_glmmtmb(fits, name):
+    table = summary(fits(name))
+    natural = table[table["scale"] == "natural"]
+    for part, prefix in (("cond", "beta"), ("zi", "gamma")):
+        for label, entry in REFERENCE[name]["glmmTMB"]["fixed"].get(part, {}).items():
+            ours = natural.loc[f"{prefix}[{label}]" if name != "penicillin" else "intercept", "std_error"]
+            assert float(ours) == pytest.approx(entry["se"], rel=2e-3), label
+
+
+def test_zero_inflation_without_an_interior_optimum_is_a_boundary_fit(mixed_marginal):
+    """``ziformula = ~ spp``: the zero-inflation probabilities of GP and DM go to 0 (glmmTMB: pdHess FALSE, its
+    estimates stop at about -18 on the logit scale). We report the flat direction as a boundary fit, hold it there,
+    and the rest of the fit is glmmTMB's: the conditional model, the dispersion, the site SD and the log likelihood.
+    """
+    model, random, laplace = mixed_marginal("salamanders_zi")
+    with pytest.warns(BoundaryFitWarning, match=r"boundary \(singular\) fit: .*gamma\["):
+        result = fit_integrated_laplace(
+            model, random=random, draws=10, chains=1, progressbar=False, compiled_marginal=laplace
+        )
+    log_lik = float(get_group(result, "fit")["log_marginal_likelihood"])
+    assert log_lik >= REFERENCE["salamanders_zi"]["glmmTMB"]["logLik"] - 1e-6
+    table = summary(result)
+    natural = {label: row["estimate"] for label, row in table[table["scale"] == "natural"].iterrows()}
+    ours, expected = _ours("salamanders_zi", natural), _reference("salamanders_zi")
+    for key, value in expected.items():
+        if not key.startswith("gamma["):
+            assert ours[key] == pytest.approx(value, abs=1e-4 * max(1.0, abs(value))), key
+    assert np.isnan(table.loc["gamma[(Intercept)]", "std_error"]).all()
