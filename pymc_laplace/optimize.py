@@ -93,7 +93,11 @@ class NewtonOptimizer:
     Parameters
     ----------
     gtol : float
-        Converged when ``max |d logp / dx| <= gtol``.
+        Converged when ``max |d logp / dx| <= gtol`` and the Newton step is below ``xtol``.
+    xtol : float
+        Converged only when the Newton step ``max |H^-1 g| <= xtol * (1 + max |x|)`` (with ``-H`` positive
+        definite): in a flat region (a separated logistic regression with a flat prior, an improper posterior) the
+        gradient is tiny while the mode is still far away or does not exist.
     max_steps : int
         Newton steps allowed.
     divergence_bound : float
@@ -109,6 +113,7 @@ class NewtonOptimizer:
     """
 
     gtol: float = 1e-8
+    xtol: float = 1e-6
     max_steps: int = 200
     divergence_bound: float = 1e4
 
@@ -132,7 +137,7 @@ class NewtonOptimizer:
             status = NewtonStatus.DERIVATIVES_NONFINITE
         else:
             for step in range(1, self.max_steps + 1):
-                if np.max(np.abs(g), initial=0.0) <= self.gtol:
+                if self._converged(x, g, h):
                     status, step = NewtonStatus.SUCCESS, step - 1
                     break
                 accepted = overflowed = False
@@ -181,11 +186,26 @@ class NewtonOptimizer:
                     status = NewtonStatus.DIVERGED
                     break
             else:
-                if np.max(np.abs(g), initial=0.0) <= self.gtol:
+                if self._converged(x, g, h):
                     status = NewtonStatus.SUCCESS
                 elif overflowed:  # the steps were cut short by the overflow, not by a lack of them
                     status = NewtonStatus.DERIVATIVES_NONFINITE
         return OptimizerResult(x, f, g, h, status, step, n_eval, time.perf_counter() - start)
+
+    def _converged(self, x: np.ndarray, g: np.ndarray, h: np.ndarray) -> bool:
+        """A small gradient, with the remaining Newton step small too.
+
+        Where ``-H`` is not positive definite a stationary point is returned as it is: the Gaussian's own check
+        then names the flat or downward-curving directions.
+        """
+        if np.max(np.abs(g), initial=0.0) > self.gtol:
+            return False
+        newton_step = _damped_newton_step(-h, g, 0.0)
+        if newton_step is None:
+            return True
+        return float(np.max(np.abs(newton_step), initial=0.0)) <= self.xtol * (
+            1.0 + float(np.max(np.abs(x), initial=0.0))
+        )
 
 
 def _increase(mu: float, hessian: np.ndarray) -> float:

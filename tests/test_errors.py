@@ -5,6 +5,7 @@ Misuse (bad arguments, a bad start point, a model without a mode) is catalogued 
 
 from __future__ import annotations
 
+import numpy as np
 import pymc as pm
 import pytest
 
@@ -38,3 +39,17 @@ def test_unbounded_posterior():
         pm.Normal("y", mu, sigma, observed=[1.0])
     with pytest.raises(OptimizationError, match=r"(?s)sigma_log__.*improper or unbounded"):
         fit_laplace(model, jacobian=False, progressbar=False)
+
+
+def test_separated_logistic_regression_with_flat_priors_has_no_mode():
+    """Complete separation: the likelihood rises toward 1 as the slope grows without bound, so a tiny gradient is
+    no mode; the search must not be called converged (the Newton step, not only the gradient, must be small)."""
+    with pm.Model() as model:
+        a = pm.Flat("a")
+        b = pm.Flat("b")
+        pm.Bernoulli("y", logit_p=a + b * np.array([-1.0, -0.5, -0.2, 0.3, 0.6, 1.0]), observed=[0, 0, 0, 1, 1, 1])
+    # either the search runs away (no mode) or the curvature underflows on the way (a flat direction): both name b
+    with pytest.raises(
+        (OptimizationError, HessianNotPositiveDefiniteError), match=r"(?s)(improper or unbounded|Flat).*\bb\b"
+    ):
+        fit_laplace(model, progressbar=False)
