@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXAMPLES = ["bioassay", "random_effects"]  # one line per example module (and notebook of the same name, if any)
+# one line per example module (and notebook of the same name, if any)
+EXAMPLES = ["bioassay", "random_effects", "mixed_models"]
 
 
 def run_notebook(path: Path, out_dir: Path) -> None:

@@ -1,8 +1,7 @@
-"""Shared fixtures: data from ../shared (read-only), models compiled once per session."""
+"""Shared fixtures: data shipped with the repository, models compiled once per session."""
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -13,20 +12,21 @@ import pytest
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PYMC_LAPLACE_SHARED", ROOT.parent / "shared"))
+# the data the tests read ship with the repository: examples/data (also used by the examples) and tests/data
+DATA_DIRS = (ROOT / "examples" / "data", ROOT / "tests" / "data")
 
 
-def shared_path(*parts: str) -> Path:
-    """A file under ../shared; the tests compare against its independent reference values."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"{path} is missing: the tests need the read-only ../shared folder (or PYMC_LAPLACE_SHARED)")
-    return path
+def data_path(name: str) -> Path:
+    """A data file shipped with the repository (its provenance: examples/data/README.md, tests/data/README.md)."""
+    for folder in DATA_DIRS:
+        if (folder / name).exists():
+            return folder / name
+    pytest.fail(f"{name} is missing from {[str(d) for d in DATA_DIRS]}")
 
 
 @pytest.fixture(scope="session")
 def bioassay_data() -> dict[str, np.ndarray]:
-    data = np.genfromtxt(shared_path("data", "bioassay.csv"), delimiter=",", names=True)
+    data = np.genfromtxt(data_path("bioassay.csv"), delimiter=",", names=True)
     return {"x": data["x"], "n": data["n"].astype(int), "y": data["y"].astype(int)}
 
 

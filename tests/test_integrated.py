@@ -1,6 +1,6 @@
 """fit_integrated_laplace and marginal against TMB, glmmTMB, quadrature and central differences.
 
-Reference values: ../shared/reference/README.md (made by the R scripts in ../shared/reference/r/: cbpp.R for
+Reference values: reference/README.md (made by the R scripts in reference/r/: cbpp.R for
 glmmTMB, tmb_glmm.R with glmm_ri.cpp for TMB, tmb_urchin.R with urchin.cpp for the urchin model).
 """
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pymc as pm
 import pytensor.tensor as pt
 import pytest
-from conftest import shared_path
+from conftest import data_path
 from scipy import optimize, special, stats
 
 from pymc_laplace import (
@@ -27,7 +27,7 @@ from pymc_laplace._compat import get_group
 
 # ---------------------------------------------------------------------------------------------------- models
 def cbpp_model() -> pm.Model:
-    d = pd.read_csv(shared_path("data", "cbpp.csv"))
+    d = pd.read_csv(data_path("cbpp.csv"))
     herd = d["herd"].astype(int).to_numpy() - 1
     period = d["period"].astype(int).to_numpy()
     X = np.column_stack([np.ones(len(d)), period == 2, period == 3, period == 4]).astype(float)
@@ -41,7 +41,7 @@ def cbpp_model() -> pm.Model:
 
 
 def glmm_model(n_groups: int) -> pm.Model:
-    d = pd.read_csv(shared_path("data", f"glmm_G{n_groups}.csv"))
+    d = pd.read_csv(data_path(f"glmm_G{n_groups}.csv"))
     X = np.column_stack([np.ones(len(d)), d[[f"x{i}" for i in range(1, 6)]].to_numpy()])
     group = d["group"].to_numpy() - 1
     coords = {"group": np.arange(1, n_groups + 1), "coef": ["(Intercept)", "x1", "x2", "x3", "x4", "x5"]}
@@ -54,7 +54,7 @@ def glmm_model(n_groups: int) -> pm.Model:
 
 
 def urchin_model() -> pm.Model:
-    d = pd.read_csv(shared_path("data", "urchin.csv"))
+    d = pd.read_csv(data_path("urchin.csv"))
     age, vol = d["age"].to_numpy(float), d["vol"].to_numpy(float)
     n = len(d)
     with pm.Model(coords={"urchin": np.arange(n)}) as model:
@@ -83,7 +83,7 @@ def cbpp_fit():
 
 # ---------------------------------------------------------------------------------------------------- cbpp
 def test_cbpp_matches_glmmtmb(cbpp_fit):
-    """glmmTMB (Laplace): cbpp.R in ../shared/reference/r; estimates and SEs from the reference table."""
+    """glmmTMB (Laplace): reference/r/cbpp.R; estimates and SEs from the reference table."""
     table = summary(cbpp_fit)
     expected = {
         "beta[(Intercept)]": (-1.39853247, 0.23247205),
@@ -152,7 +152,7 @@ def test_marginal_gradient_matches_central_differences():
 
 # ---------------------------------------------------------------------------------------------------- seed 000
 def _two_site_data():
-    d = pd.read_csv(shared_path("data", "two_site_logistic.csv"))
+    d = pd.read_csv(data_path("two_site_logistic.csv"))
     return d[[f"x{i}" for i in range(1, 11)]].to_numpy(), d["y"].to_numpy(), d["site"].to_numpy() - 1
 
 

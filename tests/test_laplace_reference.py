@@ -17,7 +17,7 @@ def _fit_group(result):
 
 
 def test_bioassay_flat_prior_matches_reference(bioassay_data):
-    """Reference: ../shared/reference/README.md, "Bioassay": mode (0.8466, 7.7488), sd (1.019, 4.872), corr 0.714
+    """Reference: reference/README.md, "Bioassay": mode (0.8466, 7.7488), sd (1.019, 4.872), corr 0.714
     (BDA3 section 4.1; an exact computation on the flat-prior posterior, independent of this package)."""
     with pm.Model() as model:
         alpha = pm.Flat("alpha")

@@ -8,58 +8,18 @@ the CSVs that ``reference/r/export_data.R`` exported from lme4 and glmmTMB. Esti
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import mixed_models  # examples/, put on the path by conftest
 import numpy as np
 import pytest
 
 from pymc_laplace import BoundaryFitWarning, fit_integrated_laplace, summary
 from pymc_laplace._compat import get_group
 
-REFERENCE = json.loads((Path(__file__).resolve().parents[1] / "reference" / "mixed_models.json").read_text())
+REFERENCE = json.loads(mixed_models.REFERENCE.read_text())
 
 
-def _reference(name: str) -> dict[str, float]:
-    """glmmTMB's estimates on the natural scale, keyed like ours."""
-    ref = REFERENCE[name]["glmmTMB"]
-    out = {}
-    for part, prefix in (("cond", "beta"), ("zi", "gamma")):
-        for label, entry in ref["fixed"].get(part, {}).items():
-            out[f"{prefix}[{label}]"] = entry["estimate"]
-    for group, entry in ref["varcorr"].items():
-        for effect, sd in entry["sd"].items():
-            out[f"sd {group} {effect}"] = sd
-        for pair, corr in entry.get("correlation", {}).items():
-            out[f"corr {group} {pair}"] = corr
-    if "sigma" in ref:
-        out["sigma"] = ref["sigma"]
-    if "nbinom2_theta" in ref:
-        out["theta"] = ref["nbinom2_theta"]
-    return out
-
-
-def _ours(name: str, natural: dict[str, float]) -> dict[str, float]:
-    """Our natural-scale estimates renamed to the reference's keys."""
-    out = {k: v for k, v in natural.items() if k.startswith(("beta[", "gamma["))}
-    if name == "sleepstudy":  # packed Cholesky factor [L00, L10, L11] of the (intercept, slope) covariance
-        l00, l10, l11 = (natural[f"chol[{i}]"] for i in range(3))
-        sd_slope = np.hypot(l10, l11)
-        out |= {"sd Subject (Intercept)": l00, "sd Subject Days": sd_slope}
-        out["corr Subject (Intercept),Days"] = l10 / sd_slope
-        out["beta[(Intercept)]"], out["beta[Days]"] = natural["beta[(Intercept)]"], natural["beta[Days]"]
-    if name == "penicillin":
-        out |= {"beta[(Intercept)]": natural["intercept"]}
-        out |= {"sd plate (Intercept)": natural["sd_plate"], "sd sample (Intercept)": natural["sd_sample"]}
-    if name == "grouseticks":
-        for group in ("BROOD", "INDEX", "LOCATION"):
-            out[f"sd {group} (Intercept)"] = natural[f"sd_{group.lower()}"]
-    if name.startswith("salamanders"):
-        out |= {"sd site (Intercept)": natural["sd_site"], "theta": natural["theta"]}
-    if name == "cbpp":
-        out["sd herd (Intercept)"] = natural["sigma"]
-    if "sigma" in natural and name in ("sleepstudy", "penicillin"):
-        out["sigma"] = natural["sigma"]
-    return out
+_reference, _ours = mixed_models.reference, mixed_models.ours
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +83,12 @@ def test_zero_inflation_without_an_interior_optimum_is_a_boundary_fit(mixed_marg
         if not key.startswith("gamma["):
             assert ours[key] == pytest.approx(value, abs=1e-4 * max(1.0, abs(value))), key
     assert np.isnan(table.loc["gamma[(Intercept)]", "std_error"]).all()
+
+
+@pytest.mark.parametrize("name", ["sleepstudy", "penicillin", "cbpp"])
+def test_random_effect_predictions_match_glmmtmb(fits, name):
+    fit = get_group(fits(name), "fit")
+    labels = [str(x) for x in fit["random_rows"].values]
+    theirs, ours = mixed_models.random_effect_pairs(name, labels, fit["random_effects"].values)
+    assert theirs.size == len(labels)
+    np.testing.assert_allclose(ours, theirs, atol=2e-3 * max(1.0, float(np.max(np.abs(theirs)))))
