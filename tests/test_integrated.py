@@ -226,10 +226,27 @@ def test_two_site_matches_adaptive_quadrature(tau):
         np.testing.assert_allclose(ours, reference, atol=tol)
 
 
-def test_two_site_ml_reports_that_tau_is_not_identified():
-    """Two sites cannot identify the random-intercept scale by maximum likelihood: the flat direction is named."""
-    with pytest.raises(HessianNotPositiveDefiniteError, match=r"tau_log__"):
-        fit_integrated_laplace(two_site_model(None), random=["mu"], draws=10, chains=1, progressbar=False)
+def test_two_site_ml_estimates_tau_at_zero_and_says_so():
+    """Two sites: the maximum-likelihood random-intercept scale is 0, a boundary (singular) fit that is named.
+
+    With tau at 0 the model is the logistic regression without intercept, whose maximum-likelihood coefficients
+    (found here by scipy) are the exact answer for the fixed effects.
+    """
+    from pymc_laplace import BoundaryFitWarning
+
+    with pytest.warns(BoundaryFitWarning, match=r"boundary \(singular\) fit.*tau_log__"):
+        result = fit_integrated_laplace(two_site_model(None), random=["mu"], draws=10, chains=1, progressbar=False)
+    X, y, _ = _two_site_data()
+
+    def negative_loglik(beta: np.ndarray) -> tuple[float, np.ndarray]:
+        eta = X @ beta
+        return float(np.sum(np.logaddexp(0.0, eta) - y * eta)), X.T @ (special.expit(eta) - y)
+
+    glm = optimize.minimize(negative_loglik, np.zeros(X.shape[1]), jac=True, method="BFGS", options={"gtol": 1e-10})
+    table = summary(result)
+    beta = table[table["scale"] == "unconstrained"].loc[[f"beta[x{i}]" for i in range(1, 11)], "estimate"]
+    np.testing.assert_allclose(beta.to_numpy(), glm.x, atol=1e-4)
+    assert np.isnan(table.loc["tau_log__", "std_error"])
 
 
 # ---------------------------------------------------------------------------------------------------- urchin
