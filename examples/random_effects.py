@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pymc as pm
 import pytensor.tensor as pt
+from mixed_models import cbpp
 from scipy import optimize, special
 
 from pymc_laplace import HessianNotPositiveDefiniteError, fit_integrated_laplace, marginal, summary
@@ -41,17 +42,8 @@ SEED_000_BETA = np.array(
 
 
 def cbpp_model() -> pm.Model:
-    d = pd.read_csv(DATA / "cbpp.csv")
-    herd = d["herd"].astype(int).to_numpy() - 1
-    period = d["period"].astype(int).to_numpy()
-    X = np.column_stack([np.ones(len(d)), period == 2, period == 3, period == 4]).astype(float)
-    coords = {"herd": np.arange(1, 16), "coef": ["(Intercept)", "period2", "period3", "period4"]}
-    with pm.Model(coords=coords) as model:
-        beta = pm.Normal("beta", 0.0, 10.0, dims="coef")
-        sigma = pm.HalfNormal("sigma", 1.0)
-        u = pm.Normal("u", 0.0, sigma, dims="herd")
-        pm.Binomial("y", n=d["size"].to_numpy(), logit_p=pt.dot(X, beta) + u[herd], observed=d["incidence"].to_numpy())
-    return model
+    """``incidence/size ~ period + (1 | herd)``, binomial logit (built in mixed_models.py)."""
+    return cbpp()[0]
 
 
 def two_site_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -271,7 +271,9 @@ def boundary_directions(
     unconstrained scale, where the objective is flat: its gradient and its curvature vanish together. Such a
     direction is a direction of negligible curvature (an eigenvector of the negative Hessian) along which moving
     ``BOUNDARY_PROBE`` further leaves the objective unchanged to ``BOUNDARY_TOLERANCE``. A weakly identified but
-    interior parameter is not one: moving it that far changes the fit.
+    interior parameter is not one (moving it that far changes the fit), nor is a ridge through the interior along
+    which the objective is constant both ways (parameters that only enter as a sum): that is reported as a flat
+    direction of the Hessian.
 
     Returns
     -------
@@ -283,16 +285,26 @@ def boundary_directions(
     eigenvalues, vectors = np.linalg.eigh(0.5 * (neg_hessian + neg_hessian.T))
     scale = max(float(np.max(np.abs(eigenvalues))), np.finfo(float).tiny)
     found = []
+
+    def flat_at(point: np.ndarray) -> bool:
+        try:
+            probed = value(point)
+        except InnerSolveError:
+            return False
+        return bool(np.isfinite(probed) and probed >= objective - BOUNDARY_TOLERANCE)
+
     for k in np.flatnonzero(np.abs(eigenvalues) <= BOUNDARY_CANDIDATE_RTOL * scale):
-        direction = vectors[:, k]
-        for sign in (1.0, -1.0):
-            try:
-                probed = value(theta + sign * BOUNDARY_PROBE * direction)
-            except InnerSolveError:
-                continue
-            if np.isfinite(probed) and probed >= objective - BOUNDARY_TOLERANCE:
-                found.append(sign * direction)
-                break
+        direction = vectors[:, k] if vectors[:, k] @ theta >= 0 else -vectors[:, k]  # pointing outward
+        outward = flat_at(theta + BOUNDARY_PROBE * direction)
+        inward = flat_at(theta - BOUNDARY_PROBE * direction)
+        if outward and inward:
+            # flat both ways: a ridge through the interior (parameters that only enter as a sum: not identified, not
+            # a boundary), unless the estimate has run far out along it, deep into a saturated region (a
+            # probability pinned at 0 or 1 by another coefficient that ran away)
+            if float(direction @ theta) > BOUNDARY_PROBE:
+                found.append(direction)
+        elif outward or inward:
+            found.append(direction if outward else -direction)
     return np.array(found).reshape(-1, theta.size)
 
 

@@ -6,6 +6,7 @@ glmmTMB, tmb_glmm.R with glmm_ri.cpp for TMB, tmb_urchin.R with urchin.cpp for t
 
 from __future__ import annotations
 
+import mixed_models  # examples/, put on the path by conftest
 import numpy as np
 import pandas as pd
 import pymc as pm
@@ -27,17 +28,7 @@ from pymc_laplace._compat import get_group
 
 # ---------------------------------------------------------------------------------------------------- models
 def cbpp_model() -> pm.Model:
-    d = pd.read_csv(data_path("cbpp.csv"))
-    herd = d["herd"].astype(int).to_numpy() - 1
-    period = d["period"].astype(int).to_numpy()
-    X = np.column_stack([np.ones(len(d)), period == 2, period == 3, period == 4]).astype(float)
-    coords = {"herd": np.arange(1, 16), "coef": ["(Intercept)", "period2", "period3", "period4"]}
-    with pm.Model(coords=coords) as model:
-        beta = pm.Normal("beta", 0.0, 10.0, dims="coef")
-        sigma = pm.HalfNormal("sigma", 1.0)
-        u = pm.Normal("u", 0.0, sigma, dims="herd")
-        pm.Binomial("y", n=d["size"].to_numpy(), logit_p=pt.dot(X, beta) + u[herd], observed=d["incidence"].to_numpy())
-    return model
+    return mixed_models.cbpp()[0]
 
 
 def glmm_model(n_groups: int) -> pm.Model:

@@ -198,9 +198,9 @@ def test_fallback_for_an_op_without_a_rule_is_named():
         sd = pm.HalfNormal("sd", 1.0)
         steps = pm.Normal("steps", 0.0, sd, shape=8)
         pm.Poisson("y", pt.exp(pt.cumsum(steps)), observed=rng.poisson(1.0, size=8))
-    with pytest.warns(UserWarning, match=r"Hessian pattern: no rule for \[.*CumOp"):
+    with pytest.warns(UserWarning, match=r"Hessian pattern: no rule for \[.*Cum"):
         laplace = marginal(model, random=["steps"])
-    assert laplace.compiled.pattern_fallbacks and "CumOp" in laplace.compiled.pattern_fallbacks[0]
+    assert laplace.compiled.pattern_fallbacks and "Cum" in laplace.compiled.pattern_fallbacks[0]
     _, n_components = None, connected_components(laplace.compiled.pattern)[0]
     assert n_components == 1
     point = {"sd_log__": np.array(0.1)}
