@@ -343,10 +343,11 @@ def _propagate(
         except Exception:  # an indexing variant the matching read cannot reproduce: the safe answer
             return _fallback(node, deps, value_of, n)
 
-    if isinstance(op, CAReduce):
+    if isinstance(op, CAReduce) or (type(op).__name__ == "LogSumExp" and dependent == [0]):
+        # CAReduce, and pytensor 3's LogSumExp (a nonlinear reduction over `axis`, as PyMC's mixtures use)
         in_value = _value(node.inputs[0], value_of)
         if in_value.ndim == 0:  # reducing a scalar is the identity
-            return [deps[node.inputs[0]]], [], False
+            return [deps[node.inputs[0]]], [] if isinstance(op, CAReduce) else [deps[node.inputs[0]]], False
         axes = tuple(range(in_value.ndim)) if op.axis is None else tuple(a % in_value.ndim for a in op.axis)
         keep = [a for a in range(in_value.ndim) if a not in axes]
         coords = np.indices(in_value.shape).reshape(in_value.ndim, -1)
@@ -357,7 +358,9 @@ def _propagate(
             (np.ones(target.size, dtype=bool), (target, np.arange(target.size))), shape=(size_out, target.size)
         )
         d_out = sp.csr_matrix((reduce @ deps[node.inputs[0]]).astype(bool))
-        linear = isinstance(op, Sum) or isinstance(op.scalar_op, (ps.Add, ps.ScalarMaximum, ps.ScalarMinimum))
+        linear = isinstance(op, Sum) or (
+            isinstance(op, CAReduce) and isinstance(op.scalar_op, (ps.Add, ps.ScalarMaximum, ps.ScalarMinimum))
+        )
         return [d_out], [] if linear else [d_out], False
 
     if isinstance(op, (Join, MakeVector)):
