@@ -315,3 +315,36 @@ def test_marginal_hessian_not_positive_definite_names_the_direction():
         pm.Poisson("y", pt.exp(a + b + u[[0, 0, 1, 1, 2, 2]]), observed=[1, 2, 0, 3, 4, 1])
     with pytest.raises(HessianNotPositiveDefiniteError, match=r"0\.707 \* [ab] [+-] 0\.707 \* [ab]"):
         fit_integrated_laplace(model, random=["u"], progressbar=False)
+
+
+@pytest.mark.parametrize("columns_limit", [2000, 0], ids=["mixed-product columns", "reverse pass per parameter"])
+def test_mode_jacobian_matches_central_differences_of_the_mode(mixed_marginal, monkeypatch, columns_limit):
+    """d b^/d theta by both of its routes against central differences of the inner mode itself."""
+    import sys
+
+    marginal_module = sys.modules["pymc_laplace.marginal"]  # the package exports a function of the same name
+
+    monkeypatch.setattr(marginal_module, "MIXED_PRODUCT_COLUMNS", columns_limit)
+    _, _, laplace = mixed_marginal("cbpp")
+    theta = np.array([-1.4, -1.0, -1.1, -1.6, -0.44])
+    jacobian = laplace.mode_jacobian(theta)
+    h = 1e-4  # truncation error ~h^2; the inner mode is accurate to ~1e-8, i.e. ~1e-4 of h
+    for k in range(theta.size):
+        step = np.eye(theta.size)[k] * h
+        up, down = laplace.solve_inner(theta + step).b, laplace.solve_inner(theta - step).b
+        np.testing.assert_allclose(jacobian[:, k], (up - down) / (2 * h), rtol=1e-5, atol=1e-5)
+
+
+def test_outer_optimizer_method_must_be_known():
+    from pymc_laplace.integrated import OuterOptimizer
+
+    with pytest.raises(ModelSpecificationError, match=r"method='newton'.*'trust-newton' or 'bfgs'"):
+        OuterOptimizer(method="newton").maximize(lambda t: (0.0, np.zeros(1)), np.zeros(1))
+
+
+def test_bfgs_outer_method_reaches_the_same_cbpp_optimum(mixed_marginal):
+    from pymc_laplace.integrated import OuterOptimizer
+
+    _, _, laplace = mixed_marginal("cbpp")
+    result = OuterOptimizer(method="bfgs").maximize(laplace.value_and_grad, laplace.compiled.theta_start)
+    assert result.success and result.objective == pytest.approx(-92.026282, abs=1e-6)  # glmmTMB's logLik
