@@ -8,6 +8,9 @@
 ##   grouseticks.csv  lme4::grouseticks  INDEX, TICKS, BROOD, HEIGHT, YEAR, LOCATION, HEIGHT_scaled
 ##                    (HEIGHT_scaled = as.numeric(scale(HEIGHT)), what scale(HEIGHT) in a formula computes)
 ##   salamanders.csv  glmmTMB::Salamanders  site, mined, cover, sample, DOP, Wtemp, DOY, spp, count
+##   verbagg.csv      lme4::VerbAgg      r2, Anger, Gender, btype, situ, mode, item, id
+##                    (the binary response r2 only; the 3-level ordered resp is not exported)
+##   insteval.csv     lme4::InstEval     s, d, dept, service, studage, lectage, y
 ## Factors are written as their labels; rows keep the order of the R data set.
 ## Non-integer numbers are written with the shortest representation (15, 16 or 17 significant digits)
 ## that reads back to the identical double, so a refit from the CSV is bit-for-bit the same data.
@@ -56,15 +59,20 @@ pen <- lme4::Penicillin[, c("diameter", "plate", "sample")]
 gt <- lme4::grouseticks[, c("INDEX", "TICKS", "BROOD", "HEIGHT", "YEAR", "LOCATION")]
 gt$HEIGHT_scaled <- as.numeric(scale(gt$HEIGHT))
 sal <- glmmTMB::Salamanders[, c("site", "mined", "cover", "sample", "DOP", "Wtemp", "DOY", "spp", "count")]
+va <- lme4::VerbAgg[, c("r2", "Anger", "Gender", "btype", "situ", "mode", "item", "id")]
+ie <- lme4::InstEval[, c("s", "d", "dept", "service", "studage", "lectage", "y")]
 
 ## columns turned from double into exact strings must be written unquoted
 conv <- list(
   sleepstudy.csv = "Reaction",
   penicillin.csv = character(0),
   grouseticks.csv = "HEIGHT_scaled",
-  salamanders.csv = c("cover", "DOP", "Wtemp", "DOY"))
+  salamanders.csv = c("cover", "DOP", "Wtemp", "DOY"),
+  verbagg.csv = character(0),
+  insteval.csv = character(0))
 
-sets <- list(sleepstudy.csv = sleep, penicillin.csv = pen, grouseticks.csv = gt, salamanders.csv = sal)
+sets <- list(sleepstudy.csv = sleep, penicillin.csv = pen, grouseticks.csv = gt, salamanders.csv = sal,
+             verbagg.csv = va, insteval.csv = ie)
 for (f in names(sets)) {
   d2 <- write_exact(sets[[f]], f)
   ## check: every column reads back identical (factors as labels)
@@ -83,8 +91,13 @@ lev <- list(
   grouseticks = list(INDEX = levels(gt$INDEX), BROOD = levels(gt$BROOD), YEAR = levels(gt$YEAR),
                      LOCATION = levels(gt$LOCATION)),
   salamanders = list(site = levels(sal$site), mined = levels(sal$mined), spp = levels(sal$spp)),
-  cbpp = list(herd = levels(lme4::cbpp$herd), period = levels(lme4::cbpp$period)))
-ordered_factors <- list(salamanders = "site")   # Salamanders$site is an ordered factor in glmmTMB
+  cbpp = list(herd = levels(lme4::cbpp$herd), period = levels(lme4::cbpp$period)),
+  verbagg = lapply(va[vapply(va, is.factor, logical(1))], levels),
+  insteval = lapply(ie[vapply(ie, is.factor, logical(1))], levels))
+## Salamanders$site is an ordered factor in glmmTMB; InstEval's studage and lectage are ordered in lme4
+ordered_factors <- list(salamanders = "site", insteval = c("studage", "lectage"))
+stopifnot(identical(names(ie)[vapply(ie, is.ordered, logical(1))], ordered_factors$insteval),
+          !any(vapply(va, is.ordered, logical(1))))
 writeLines(toJSON(list(levels = lev, ordered = ordered_factors,
                        note = paste("Level order of each factor in the R data set; for fixed-effect factors",
                                     "the first level is the treatment-contrast baseline.")),
