@@ -1,10 +1,14 @@
 ## Reference fits of real mixed-model data sets with glmmTMB (Laplace, ML) and lme4.
 ##
 ##   DATA=examples/data Rscript reference/r/glmmtmb_mixed.R
+##   DATA=examples/data SETS=verbagg,insteval Rscript reference/r/glmmtmb_mixed.R
 ##
 ## Reads the CSVs written by reference/r/export_data.R (plus cbpp.csv) from $DATA (default examples/data)
 ## and the factor level order from $DATA/factor_levels.json; writes $OUTJSON (default
-## reference/mixed_models.json) and prints a human-readable table.
+## reference/mixed_models.json) and prints a human-readable table. With $SETS (comma-separated names of
+## `specs` below) only those models are fitted and their entries are replaced in (or added to) the existing
+## $OUTJSON, every other entry is kept byte for byte, and the run is recorded under provenance$updates. The
+## whole run takes about 6 minutes, 5 of them verbagg and insteval.
 ##
 ## Factor columns are rebuilt with the level order R uses (factor_levels.json; Salamanders$site is an ordered
 ## factor as in glmmTMB). Every model is also fitted by glmmTMB to the original data set from the R package and
@@ -35,9 +39,12 @@ csv <- list(
   penicillin = read_set("penicillin", "penicillin.csv"),
   grouseticks = read_set("grouseticks", "grouseticks.csv"),
   salamanders = read_set("salamanders", "salamanders.csv"),
-  cbpp = read_set("cbpp", "cbpp.csv"))
+  cbpp = read_set("cbpp", "cbpp.csv"),
+  verbagg = read_set("verbagg", "verbagg.csv"),
+  insteval = read_set("insteval", "insteval.csv"))
 pkg <- list(sleepstudy = lme4::sleepstudy, penicillin = lme4::Penicillin, grouseticks = lme4::grouseticks,
-            salamanders = glmmTMB::Salamanders, cbpp = lme4::cbpp)
+            salamanders = glmmTMB::Salamanders, cbpp = lme4::cbpp, verbagg = lme4::VerbAgg,
+            insteval = lme4::InstEval)
 ## HEIGHT_scaled in the CSV is exactly what scale(HEIGHT) computes inside the formula
 stopifnot(identical(csv$grouseticks$HEIGHT_scaled, as.numeric(scale(csv$grouseticks$HEIGHT))))
 
@@ -60,7 +67,24 @@ specs <- list(
   salamanders_zi_mined = list(data = "salamanders", formula = count ~ spp + mined + (1 | site), zi = ~ mined,
                               family = "nbinom2", lme4 = NA),
   cbpp = list(data = "cbpp", formula = cbind(incidence, size - incidence) ~ period + (1 | herd),
-              family = "binomial", lme4 = "glmer"))
+              family = "binomial", lme4 = "glmer"),
+  ## the larger data sets: lme4's VerbAgg example (binary r2, crossed person x item intercepts) and InstEval
+  ## (students crossed with lecturers, 4114 random effects)
+  verbagg = list(data = "verbagg", formula = r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item),
+                 family = "binomial", lme4 = "glmer"),
+  insteval = list(data = "insteval", formula = y ~ service + (1 | s) + (1 | d) + (1 | dept),
+                  family = "gaussian", lme4 = "lmer"))
+
+partial <- nzchar(Sys.getenv("SETS", ""))
+if (partial) {
+  sets <- strsplit(Sys.getenv("SETS"), ",", fixed = TRUE)[[1]]
+  if (!all(sets %in% names(specs))) stop("unknown SETS: ", paste(setdiff(sets, names(specs)), collapse = ", "))
+  specs <- specs[sets]
+}
+
+## plug-in conditional SDs need a dense inverse of H_uu: skipped above this many random effects (InstEval's
+## 4114 take minutes with the reference BLAS); lme4's condsd is the same plug-in quantity for Gaussian models
+max_dense_plugin <- 2000
 
 fam <- function(name) switch(name, gaussian = gaussian(), poisson = poisson(), binomial = binomial(),
                              nbinom2 = nbinom2())
@@ -151,7 +175,7 @@ tmb_summary <- function(fit) {
   ## at the estimate (what lme4's condVar and a plain Laplace step give).
   env <- fit$obj$env
   H <- env$spHess(env$last.par.best, random = TRUE)
-  plugin_sd <- sqrt(diag(solve(as.matrix(H))))
+  plugin_sd <- if (nrow(H) <= max_dense_plugin) sqrt(diag(solve(as.matrix(H)))) else rep(NA_real_, nrow(H))
   re <- as.data.frame(ranef(fit, condVar = TRUE))
   re <- re[re$component == "cond", ]
   ## order of b in the TMB vector: term by term, within a term level-major (all columns of level 1, ...)
@@ -269,6 +293,7 @@ for (nm in names(specs)) {
 }
 
 ## ---- glmmTMB's correlation parameter for the 2x2 (Days | Subject) term ----
+if (!is.null(results$sleepstudy)) {
 ss <- results$sleepstudy$tmb_fit
 th <- ss$fit$par[names(ss$fit$par) == "theta"]
 vc <- VarCorr(ss)$cond$Subject
@@ -294,8 +319,10 @@ C <- cov2cor(L %*% t(L))
 stopifnot(max(abs(C[lower.tri(C)] - glmmTMB:::get_cor(t6))) < 1e-14)
 corr_check$check_4x4 <- list(t = t6, corr_lower_tri_colmajor = C[lower.tri(C)])
 results$sleepstudy$glmmTMB$corr_parameterisation_check <- corr_check
+}
 
 ## ---- zero-inflation link check ----
+if (!is.null(results$salamanders_zi)) {
 zi <- results$salamanders_zi$tmb_fit
 pz <- predict(zi, type = "zprob")
 Xzi <- model.matrix(~ spp, zi$frame)
@@ -304,10 +331,12 @@ results$salamanders_zi$glmmTMB$zi_link_check <- list(
   link = "logit: P(structural zero) = plogis(X_zi %*% betazi); E[y] = (1 - p_zi) * mu_cond",
   max_abs_diff_vs_predict_zprob = max(abs(pz - pz2)))
 stopifnot(max(abs(pz - pz2)) < 1e-12)
+}
 
 ## ---- glmer.nb vs glmmTMB: the two Laplace approximations differ for nbinom2 (log link is not canonical) ----
 ## lme4's PIRLS uses the expected (Fisher) weights in the log-determinant, TMB the observed Hessian, so the
 ## two logLiks are different functions: evaluate each at the other's estimates.
+if (!is.null(results$salamanders)) {
 sf <- results$salamanders$tmb_fit; sg <- results$salamanders$lme4_fit
 p <- sf$fit$par
 p[names(p) == "beta"] <- fixef(sg)
@@ -324,11 +353,13 @@ results$salamanders$laplace_comparison <- list(
                "it is not the same function as glmmTMB's (observed Hessian), so the glmer.nb logLik is not a",
                "reference for a TMB-style Laplace fit. Each package's optimum is the best under its own function."))
 invisible(sf$obj$fn(sf$fit$par))  # restore the object's last evaluated point
+}
 
 for (nm in names(results)) results[[nm]]$tmb_fit <- results[[nm]]$lme4_fit <- NULL
 
-cmd <- sprintf("DATA=%s Rscript reference/r/glmmtmb_mixed.R", data_dir)
-out <- c(list(provenance = list(
+cmd <- sprintf("DATA=%s%s Rscript reference/r/glmmtmb_mixed.R", data_dir,
+               if (partial) paste0(" SETS=", paste(sets, collapse = ",")) else "")
+provenance <- list(
   R = R.version.string,
   lme4 = format(packageVersion("lme4")), glmmTMB = format(packageVersion("glmmTMB")),
   TMB = format(packageVersion("TMB")), Matrix = format(packageVersion("Matrix")),
@@ -336,12 +367,25 @@ out <- c(list(provenance = list(
   platform = R.version$platform,
   date = format(Sys.time(), "%Y-%m-%d %H:%M:%S %Z"),
   command = cmd,
-  data = "CSVs from reference/r/export_data.R (lme4 sleepstudy, Penicillin, grouseticks, cbpp; glmmTMB Salamanders)",
+  data = paste("CSVs from reference/r/export_data.R (lme4 sleepstudy, Penicillin, grouseticks, cbpp, VerbAgg,",
+               "InstEval; glmmTMB Salamanders)"),
   times = "wall seconds (system.time elapsed) of the first and second call in one R session; shared machine, indicative only",
   ranef_condsd = paste("glmmTMB condsd_sdreport = ranef(fit, condVar = TRUE) (TMB sdreport, includes uncertainty of",
-                       "the fixed parameters); condsd_plugin = sqrt(diag(solve(H_uu))) at the estimate;",
-                       "lme4 condsd = ranef(fit, condVar = TRUE) (plug-in, conditional on the estimates)"))),
-  results)
+                       "the fixed parameters); condsd_plugin = sqrt(diag(solve(H_uu))) at the estimate",
+                       sprintf("(null when there are more than %d random effects: dense inverse too slow);",
+                               max_dense_plugin),
+                       "lme4 condsd = ranef(fit, condVar = TRUE) (plug-in, conditional on the estimates)"))
+if (!partial || !file.exists(out_json)) {
+  out <- c(list(provenance = provenance), results)
+} else {
+  ## partial run: keep the other entries as they are (jsonlite reads and writes this file byte-identically)
+  out <- fromJSON(out_json, simplifyVector = TRUE, simplifyDataFrame = FALSE, simplifyMatrix = FALSE)
+  for (nm in names(results)) out[[nm]] <- results[[nm]]
+  upd <- provenance[c("R", "lme4", "glmmTMB", "TMB", "Matrix", "jsonlite", "platform", "date", "command")]
+  upd$sets <- I(names(results))
+  upd$ranef_condsd <- provenance$ranef_condsd
+  out$provenance$updates <- c(out$provenance$updates, list(upd))
+}
 dir.create(dirname(out_json), showWarnings = FALSE, recursive = TRUE)
 writeLines(toJSON(out, auto_unbox = TRUE, digits = NA, pretty = TRUE, null = "null", na = "null"), out_json)
 
@@ -386,6 +430,7 @@ for (nm in names(results)) {
   if (!is.null(l) && length(l$warnings)) cat("lme4 warnings:", paste(l$warnings, collapse = " | "), "\n")
   cat(sprintf("CSV refit vs package data logLik difference: %g\n", r$csv_vs_package_logLik_diff))
 }
-cat("\nsleepstudy correlation parameter: t =", fmt(corr_check$theta[3]), " t/sqrt(1+t^2) =",
-    fmt(corr_check$corr_from_theta3), " VarCorr corr =", fmt(corr_check$corr_VarCorr), "\n")
+if (!is.null(results$sleepstudy))
+  cat("\nsleepstudy correlation parameter: t =", fmt(corr_check$theta[3]), " t/sqrt(1+t^2) =",
+      fmt(corr_check$corr_from_theta3), " VarCorr corr =", fmt(corr_check$corr_VarCorr), "\n")
 cat("wrote", out_json, "\n")
