@@ -168,6 +168,57 @@ def cbpp() -> tuple[pm.Model, list[str]]:
     return model, ["u"]
 
 
+def verbagg() -> tuple[pm.Model, list[str]]:
+    """``r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)``, Bernoulli logit (lme4's VerbAgg example).
+
+    7,584 binary answers of 316 people to 24 items: crossed random intercepts, 340 random effects.
+    """
+    d = pd.read_csv(DATA / "verbagg.csv")
+    levels = _levels()["verbagg"]
+    gender, gender_names = _dummies(_codes(d["Gender"], levels["Gender"]), levels["Gender"], "Gender")
+    btype, btype_names = _dummies(_codes(d["btype"], levels["btype"]), levels["btype"], "btype")
+    situ, situ_names = _dummies(_codes(d["situ"], levels["situ"]), levels["situ"], "situ")
+    X = np.column_stack([np.ones(len(d)), d["Anger"].to_numpy(float), gender, btype, situ])
+    names = ["(Intercept)", "Anger", *gender_names, *btype_names, *situ_names]
+    person, item = _codes(d["id"], levels["id"]), _codes(d["item"], levels["item"])
+    y = _codes(d["r2"], levels["r2"])  # N = 0, Y = 1
+    coords = {"coef": names, "id": levels["id"], "item": levels["item"]}
+    with pm.Model(coords=coords) as model:
+        beta = pm.Normal("beta", 0.0, 10.0, dims="coef")
+        sd_id = pm.HalfNormal("sd_id", 2.0)
+        sd_item = pm.HalfNormal("sd_item", 2.0)
+        u_id = pm.Normal("u_id", 0.0, sd_id, dims="id")
+        u_item = pm.Normal("u_item", 0.0, sd_item, dims="item")
+        pm.Bernoulli("r2", logit_p=pt.dot(X, beta) + u_id[person] + u_item[item], observed=y)
+    return model, ["u_id", "u_item"]
+
+
+def insteval() -> tuple[pm.Model, list[str]]:
+    """``y ~ service + (1 | s) + (1 | d) + (1 | dept)``, Gaussian (lme4's InstEval).
+
+    73,421 lecture ratings: 2,972 students crossed with 1,128 lecturers, plus 14 departments; 4,114 random
+    effects.
+    """
+    d = pd.read_csv(DATA / "insteval.csv")
+    levels = _levels()["insteval"]
+    service, service_names = _dummies(_codes(d["service"], levels["service"]), levels["service"], "service")
+    X = np.column_stack([np.ones(len(d)), service])
+    student, lecturer, dept = (_codes(d[c], levels[c]) for c in ("s", "d", "dept"))
+    coords = {"coef": ["(Intercept)", *service_names], "s": levels["s"], "d": levels["d"], "dept": levels["dept"]}
+    with pm.Model(coords=coords) as model:
+        beta = pm.Normal("beta", 0.0, 100.0, dims="coef")
+        sd_s = pm.HalfNormal("sd_s", 10.0)
+        sd_d = pm.HalfNormal("sd_d", 10.0)
+        sd_dept = pm.HalfNormal("sd_dept", 10.0)
+        sigma = pm.HalfNormal("sigma", 10.0)
+        u_s = pm.Normal("u_s", 0.0, sd_s, dims="s")
+        u_d = pm.Normal("u_d", 0.0, sd_d, dims="d")
+        u_dept = pm.Normal("u_dept", 0.0, sd_dept, dims="dept")
+        mu = pt.dot(X, beta) + u_s[student] + u_d[lecturer] + u_dept[dept]
+        pm.Normal("y", mu, sigma, observed=d["y"].to_numpy(float))
+    return model, ["u_s", "u_d", "u_dept"]
+
+
 BUILDERS: dict[str, Callable[[], tuple[pm.Model, list[str]]]] = {
     "sleepstudy": sleepstudy,
     "penicillin": penicillin,
@@ -176,6 +227,12 @@ BUILDERS: dict[str, Callable[[], tuple[pm.Model, list[str]]]] = {
     "salamanders_zi": salamanders_zi,
     "salamanders_zi_mined": salamanders_zi_mined,
     "cbpp": cbpp,
+}
+
+# larger data sets (thousands of random effects); kept apart from BUILDERS, which the report and tests fit
+LARGE_BUILDERS: dict[str, Callable[[], tuple[pm.Model, list[str]]]] = {
+    "verbagg": verbagg,
+    "insteval": insteval,
 }
 
 
@@ -189,6 +246,8 @@ RANEF = {
     "salamanders_zi": {"u_site": [("site", "(Intercept)")]},
     "salamanders_zi_mined": {"u_site": [("site", "(Intercept)")]},
     "cbpp": {"u": [("herd", "(Intercept)")]},
+    "verbagg": {"u_id": [("id", "(Intercept)")], "u_item": [("item", "(Intercept)")]},
+    "insteval": {f"u_{g}": [(g, "(Intercept)")] for g in ("s", "d", "dept")},
 }
 
 
@@ -232,7 +291,12 @@ def ours(name: str, natural: dict[str, float]) -> dict[str, float]:
         out |= {"sd site (Intercept)": natural["sd_site"], "theta": natural["theta"]}
     if name == "cbpp":
         out["sd herd (Intercept)"] = natural["sigma"]
-    if name in ("sleepstudy", "penicillin"):
+    if name == "verbagg":
+        out |= {"sd id (Intercept)": natural["sd_id"], "sd item (Intercept)": natural["sd_item"]}
+    if name == "insteval":
+        for group in ("s", "d", "dept"):
+            out[f"sd {group} (Intercept)"] = natural[f"sd_{group}"]
+    if name in ("sleepstudy", "penicillin", "insteval"):
         out["sigma"] = natural["sigma"]
     return out
 
