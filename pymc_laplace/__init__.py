@@ -1,5 +1,6 @@
 """Laplace and integrated-Laplace fits of PyMC models, returned as the object ``pm.sample`` returns."""
 
+from pymc_laplace.compile import clear_compile_cache
 from pymc_laplace.diagnostics import importance_resample, pareto_smooth
 from pymc_laplace.errors import (
     BoundaryFitWarning,
@@ -28,6 +29,7 @@ __all__ = [
     "OptimizationError",
     "OuterOptimizer",
     "StartPointError",
+    "clear_compile_cache",
     "fit_integrated_laplace",
     "fit_laplace",
     "importance_resample",

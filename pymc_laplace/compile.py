@@ -5,9 +5,12 @@ Everything downstream (solvers, fits, draws) works on the frozen :class:`Compile
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytensor
 import pytensor.tensor as pt
 from pymc.pytensorf import compile as compile_graph
 from pymc.pytensorf import constant_fold, join_nonshared_inputs
+from pytensor.graph.replace import vectorize_graph
 from pytensor.scalar.math import Sigmoid
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
@@ -415,6 +419,22 @@ def start_point_error(logp: float, description: str) -> StartPointError:
     )
 
 
+def check_start(
+    logp_and_outputs: Callable[[np.ndarray], list[np.ndarray]], start: np.ndarray, describe_point: Callable
+) -> None:
+    """Raise :class:`StartPointError` unless the model can be evaluated at ``start`` with a finite log density."""
+    try:
+        start_logp = float(logp_and_outputs(start)[0])
+    except Exception as err:  # e.g. an Assert in a Deterministic: still a start the model cannot evaluate
+        raise StartPointError(
+            f"The model cannot be evaluated at the start point ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"Start point (unconstrained) and each variable's log density there:\n{describe_point(start)}\n"
+            "Give `initvals` where every variable and Deterministic can be evaluated."
+        ) from err
+    if not np.isfinite(start_logp):
+        raise start_point_error(start_logp, describe_point(start))
+
+
 def compile_joint(
     model: pm.Model,
     *,
@@ -445,6 +465,12 @@ def compile_joint(
         The log density is not finite at the start point (checked before the derivatives are compiled).
     """
     check_continuous(model)
+    key = _cache_key(model, "joint", jacobian, initvals, compile_kwargs, derivatives)
+    cached = _CACHE.get(model, {}).get(key) if key is not None else None
+    if cached is not None:
+        check_start(cached.logp_and_outputs, cached.start, cached.describe_point)  # the data may have changed
+        observed, constant = _data_variables(model)
+        return replace(cached, observed_data=observed, constant_data=constant)
     point = start_point(model, initvals)
     value_vars = [model.rvs_to_values[rv] for rv in model.free_RVs]
     coords = {k: tuple(v) if v is not None else () for k, v in model.coords.items()}
@@ -484,16 +510,7 @@ def compile_joint(
     # Check the start before compiling derivatives, and before anything downstream (the Hessian-pattern walk of
     # compile_split) evaluates the graph there without pymc's parameter checks turned into -inf.
     start = layout.join(point)
-    try:
-        start_logp = float(out_fn(start)[0])
-    except Exception as err:  # e.g. an Assert in a Deterministic: still a start the model cannot evaluate
-        raise StartPointError(
-            f"The model cannot be evaluated at the start point ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            f"Start point (unconstrained) and each variable's log density there:\n{describe_point(start)}\n"
-            "Give `initvals` where every variable and Deterministic can be evaluated."
-        ) from err
-    if not np.isfinite(start_logp):
-        raise start_point_error(start_logp, describe_point(start))
+    check_start(out_fn, start, describe_point)
 
     if derivatives:
         # The Hessian is assembled from exact Hessian-vector products (one reverse pass over the gradient per
@@ -522,7 +539,7 @@ def compile_joint(
         return float(f), g, h
 
     observed, constant = _data_variables(model)
-    return CompiledJoint(
+    compiled = CompiledJoint(
         layout=layout,
         start=start,
         jacobian=jacobian,
@@ -534,6 +551,9 @@ def compile_joint(
         coords=coords,
         describe_point=describe_point,
     )
+    if key is not None:
+        _CACHE.setdefault(model, {})[key] = compiled
+    return compiled
 
 
 @dataclass(frozen=True)
@@ -629,6 +649,10 @@ def compile_split(
     if not random_values:
         raise ModelSpecificationError("`random` names no variable to integrate out.")
     joint = compile_joint(model, jacobian=True, initvals=initvals, compile_kwargs=compile_kwargs, derivatives=False)
+    key = _cache_key(model, ("split", tuple(random_values)), True, initvals, compile_kwargs, False)
+    cached = _CACHE.get(model, {}).get(key) if key is not None else None
+    if cached is not None:
+        return replace(cached, joint=joint)
     value_by_name = {model.rvs_to_values[rv].name: rv for rv in model.free_RVs}
     random_rvs = [value_by_name[n] for n in random_values]
     theta_rvs = [rv for rv in model.free_RVs if rv not in random_rvs]
@@ -681,9 +705,13 @@ def compile_split(
     pattern = walked.pattern
     colors = color_columns(pattern)
     n_colors = int(colors.max()) + 1 if colors.size else 0
-    indicators = pt.constant(np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0)))  # (K, n_b)
     grad_b = pt.grad(joint_lp, b)
-    hv = pt.stack([pt.grad(pt.sum(grad_b * indicators[c]), b) for c in range(n_colors)])
+    # One Hessian-vector product with the direction as an input, vectorised over a batch of directions: the graph
+    # is that of one product whatever the number of colours.
+    indicators = np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0))  # (K, n_b)
+    direction = pt.vector("direction")
+    directions = pt.matrix("directions")  # (K, n_b)
+    hv = vectorize_graph(pt.grad(pt.sum(grad_b * direction), b), {direction: directions})
     compressed_inverse = pt.matrix("compressed_inverse")
     phi = -pt.sum(compressed_inverse * hv)
     grad_theta = pt.grad(joint_lp, theta, disconnected_inputs="ignore")
@@ -708,14 +736,14 @@ def compile_split(
         compiled_fn: list[Callable] = []
         options = kwargs if called_often or "mode" in kwargs else {**kwargs, "mode": "FAST_COMPILE"}
 
-        def call(*args: np.ndarray) -> Any:
+        def call(*args: np.ndarray, **named: np.ndarray) -> Any:
             if not compiled_fn:
                 compiled_fn.append(compile_graph(inputs, outputs, **options))
-            return compiled_fn[0](*args)
+            return compiled_fn[0](*args, **named)
 
         return call
 
-    return CompiledSplit(
+    compiled = CompiledSplit(
         theta_layout=theta_layout,
         b_layout=b_layout,
         theta_start=theta_start,
@@ -726,8 +754,11 @@ def compile_split(
         pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
         repattern=lambda: walk_hessian_pattern(joint_lp, b, walk_point, warn=False).pattern,
         joint_value=lazy([b, theta], joint_lp),
-        joint_newton=lazy([b, theta], [joint_lp, grad_b, hv]),
-        outer_terms=lazy([b, theta, compressed_inverse], [grad_theta, dphi_db, dphi_dtheta]),
+        joint_newton=functools.partial(lazy([b, theta, directions], [joint_lp, grad_b, hv]), directions=indicators),
+        outer_terms=functools.partial(
+            lazy([b, theta, compressed_inverse, directions], [grad_theta, dphi_db, dphi_dtheta]),
+            directions=indicators,
+        ),
         mixed_product=lazy([b, theta, w], mixed),
         cross_product=lazy([b, theta, v], cross_row, called_often=False),
         likelihood=lazy([b, theta], [loglik, loglik_grad], called_often=False),
@@ -738,3 +769,62 @@ def compile_split(
         theta_in_joint=layout.indices(list(theta_layout.names)) if theta_values else np.zeros(0, dtype=int),
         b_in_joint=layout.indices(list(b_layout.names)),
     )
+    if key is not None:
+        _CACHE.setdefault(model, {})[key] = compiled
+    return compiled
+
+
+# What has been compiled for a model, reused while the model lives (a fit of the same model in the same process
+# does not compile again). Keyed on everything a compiled graph depends on except the values of data containers,
+# which the compiled functions read when called (pm.set_data needs no new compilation).
+_CACHE: weakref.WeakKeyDictionary[pm.Model, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def clear_compile_cache() -> None:
+    """Forget every compiled model: the next fit of any model compiles again."""
+    _CACHE.clear()
+
+
+def _cache_key(
+    model: pm.Model,
+    kind: Any,
+    jacobian: bool,
+    initvals: Mapping[str, Any] | None,
+    compile_kwargs: Mapping[str, Any] | None,
+    derivatives: bool,
+) -> tuple | None:
+    """The key of a compiled model in the cache, or None when something in it cannot be compared (not cached).
+
+    It holds the identity of every variable of the model (adding one changes it), the transforms, the initial values
+    (``initvals`` and the model's own), the lengths of the dims and the shapes of the data containers (they shape
+    the unconstrained vector), and the compile options.
+    """
+    options = tuple(sorted((compile_kwargs or {}).items()))
+    if any(not isinstance(v, str | int | float | bool | type(None)) for _, v in options):
+        return None
+    try:
+        initial = tuple(sorted((str(k), _fingerprint(v)) for k, v in (initvals or {}).items()))
+        model_initial = tuple((rv.name, _fingerprint(v)) for rv, v in model.rvs_to_initial_values.items())
+        dim_lengths = tuple((d, _fingerprint(_data_value(length))) for d, length in model.dim_lengths.items())
+    except Exception:  # an initial value that is a symbolic expression: do not cache
+        return None
+    data_shapes = tuple(
+        (var.name, np.shape(var.get_value(borrow=True)))
+        for var in getattr(model, "data_vars", [])
+        if isinstance(var, TensorSharedVariable)
+    )
+    variables = tuple((name, id(var)) for name, var in model.named_vars.items())
+    values = tuple(id(value) for value in model.rvs_to_values.values())
+    transforms = tuple(id(t) for t in model.rvs_to_transforms.values())
+    potentials = tuple(id(p) for p in model.potentials)
+    return (kind, jacobian, derivatives, options, initial, model_initial, dim_lengths, data_shapes, variables,
+            values, transforms, potentials)  # fmt: skip
+
+
+def _fingerprint(value: Any) -> tuple:
+    if value is None or isinstance(value, str):
+        return (value,)
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise TypeError("not a numeric value")
+    return (array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest())

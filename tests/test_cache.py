@@ -1,0 +1,94 @@
+"""Compile once: a second fit of the same model compiles nothing, and pm.set_data refits without compiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pymc as pm
+import pytest
+import scipy.stats
+
+import pymc_laplace.compile
+from pymc_laplace import clear_compile_cache, fit_integrated_laplace, fit_laplace
+from pymc_laplace._compat import get_group
+
+
+@pytest.fixture
+def compile_count(monkeypatch):
+    """Number of pytensor functions compiled since the fixture was made."""
+    calls = []
+    original = pymc_laplace.compile.compile_graph
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pymc_laplace.compile, "compile_graph", counted)
+    return calls
+
+
+def bioassay() -> pm.Model:
+    with pm.Model() as model:
+        alpha = pm.Flat("alpha")
+        beta = pm.Flat("beta")
+        pm.Binomial("y", n=5, logit_p=alpha + beta * np.array([-0.86, -0.30, -0.05, 0.73]), observed=[0, 1, 3, 5])
+    return model
+
+
+def test_second_fit_laplace_compiles_nothing(compile_count):
+    model = bioassay()
+    first = fit_laplace(model, progressbar=False, random_seed=3, draws=50, chains=2)
+    compiled_first = len(compile_count)
+    second = fit_laplace(model, progressbar=False, random_seed=3, draws=50, chains=2)
+    assert compiled_first > 0
+    assert len(compile_count) == compiled_first
+    np.testing.assert_array_equal(get_group(first, "fit")["mean_vector"], get_group(second, "fit")["mean_vector"])
+    # a new variable is a new graph: compiled again
+    with model:
+        pm.Normal("extra", 0.0, 1.0)
+    fit_laplace(model, progressbar=False, random_seed=3, draws=50, chains=2)
+    assert len(compile_count) > compiled_first
+    # and a cleared cache compiles again
+    count = len(compile_count)
+    clear_compile_cache()
+    fit_laplace(model, progressbar=False, random_seed=3, draws=50, chains=2)
+    assert len(compile_count) > count
+
+
+def exact_log_marginal(y: np.ndarray, group: np.ndarray, mu: float, sd: float, sigma: float) -> float:
+    """log N(y; mu, sigma^2 I + sd^2 Z Z^T): the random intercepts integrated out exactly."""
+    z = (group[:, None] == np.arange(group.max() + 1)[None, :]).astype(float)
+    covariance = sigma**2 * np.eye(y.size) + sd**2 * z @ z.T
+    return float(scipy.stats.multivariate_normal(np.full(y.size, mu), covariance).logpdf(y))
+
+
+def test_set_data_refits_without_compiling(compile_count):
+    rng = np.random.default_rng(11)
+    group = np.repeat(np.arange(12), 4)
+    with pm.Model() as model:
+        y_data = pm.Data("y_data", rng.normal(1.0, 1.5, size=group.size))
+        mu = pm.Normal("mu", 0.0, 10.0)
+        sd = pm.HalfNormal("sd", 5.0)
+        sigma = pm.HalfNormal("sigma", 5.0)
+        u = pm.Normal("u", 0.0, sd, shape=12)
+        pm.Normal("y", mu + u[group], sigma, observed=y_data)
+
+    def fitted() -> tuple[float, float]:
+        result = fit_integrated_laplace(model, random=["u"], progressbar=False, random_seed=1, draws=20, chains=2)
+        fit = get_group(result, "fit")
+        natural = dict(zip(fit["natural_rows"].values, fit["natural_estimate"].values, strict=True))
+        exact = exact_log_marginal(
+            np.asarray(model["y_data"].get_value()), group, natural["mu"], natural["sd"], natural["sigma"]
+        )
+        observed = np.asarray(get_group(result, "observed_data")["y"])
+        np.testing.assert_array_equal(observed, model["y_data"].get_value())
+        return float(fit["log_marginal_likelihood"]), exact
+
+    first, exact = fitted()
+    assert first == pytest.approx(exact, abs=1e-8)  # Gaussian: the Laplace marginal is exact
+    compiled = len(compile_count)
+    with model:
+        pm.set_data({"y_data": rng.normal(-2.0, 0.5, size=group.size) + np.repeat(rng.normal(size=12), 4)})
+    second, exact = fitted()
+    assert len(compile_count) == compiled
+    assert second == pytest.approx(exact, abs=1e-8)
+    assert abs(second - first) > 1.0
