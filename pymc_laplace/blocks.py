@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from pymc_laplace.errors import ModelSpecificationError
+from pymc_laplace.structure import recovery_slots, symmetric_pattern
 
 # Above this many random effects in one connected block, dense algebra is refused (it would be quadratic).
 MAX_DENSE_BLOCK = 3000
@@ -35,12 +36,20 @@ class BlockStructure:
     masks : tuple of ndarray
         For each group, the bool (m, m) pattern within a block (shared by blocks of that group only when equal;
         stored per block as (n_blocks, m, m)).
+    slots : tuple of ndarray
+        For each group, (n_blocks, m, m) flat indices into the compressed products ``(K, n)`` where each entry of
+        the block is read (``structure.recovery_slots``), -1 off the pattern.
     """
 
     n: int
     groups: tuple[np.ndarray, ...]
     colors: np.ndarray
     masks: tuple[np.ndarray, ...]
+    slots: tuple[np.ndarray, ...]
+
+    @property
+    def n_colors(self) -> int:
+        return int(self.colors.max()) + 1 if self.n else 0
 
     def factor(self, q_compressed: np.ndarray) -> tuple[BlockFactor | None, np.ndarray]:
         """Cholesky of every block of ``Q``; ``(factor or None, indices of blocks that are not PD)``."""
@@ -60,9 +69,18 @@ class BlockStructure:
 
 
 def block_structure(pattern: sp.spmatrix, colors: np.ndarray) -> BlockStructure:
-    """Split ``pattern`` into connected components and group them by size."""
-    pattern = sp.csr_matrix(pattern, dtype=bool)
+    """Split ``pattern`` into connected components and group them by size.
+
+    Raises
+    ------
+    ModelSpecificationError
+        A block larger than ``MAX_DENSE_BLOCK``, or a colouring that does not determine every entry.
+    """
+    pattern = symmetric_pattern(pattern)
     n = pattern.shape[0]
+    slot_matrix = recovery_slots(pattern, colors)
+    if slot_matrix is None:
+        raise ModelSpecificationError("The colouring does not determine every entry of the Hessian pattern.")
     n_comp, labels = connected_components(pattern, directed=False)
     order = np.argsort(labels, kind="stable")
     sizes = np.bincount(labels, minlength=n_comp)
@@ -73,30 +91,26 @@ def block_structure(pattern: sp.spmatrix, colors: np.ndarray) -> BlockStructure:
         )
     starts = np.concatenate([[0], np.cumsum(sizes)])
     members = [order[starts[c] : starts[c + 1]] for c in range(n_comp)]
-    groups, masks = [], []
-    dense = pattern.toarray() if n <= 2000 else None
+    groups, masks, slots = [], [], []
     for m in np.unique(sizes):
         comps = np.flatnonzero(sizes == m)
         idx = np.stack([members[c] for c in comps]) if comps.size else np.zeros((0, m), dtype=int)
         groups.append(idx)
         rows = np.broadcast_to(idx[:, :, None], (idx.shape[0], m, m))
         cols = np.broadcast_to(idx[:, None, :], (idx.shape[0], m, m))
-        if dense is not None:
-            masks.append(dense[rows, cols])
-        else:
-            masks.append(np.asarray(pattern[rows.ravel(), cols.ravel()]).reshape(rows.shape).astype(bool))
-    return BlockStructure(n, tuple(groups), np.asarray(colors, dtype=int), tuple(masks))
+        slot = np.asarray(slot_matrix[rows.ravel(), cols.ravel()]).reshape(rows.shape).astype(np.int64) - 1
+        masks.append(slot >= 0)
+        slots.append(slot)
+    return BlockStructure(n, tuple(groups), np.asarray(colors, dtype=int), tuple(masks), tuple(slots))
 
 
 def _block_entries(structure: BlockStructure, compressed: np.ndarray) -> list[np.ndarray]:
     """Dense blocks ``(n_blocks, m, m)`` of a matrix from its compressed products ``(K, n)``."""
-    blocks = []
-    for idx, mask in zip(structure.groups, structure.masks, strict=True):
-        rows = idx[:, :, None]
-        col_colors = structure.colors[idx][:, None, :]
-        values = compressed[np.broadcast_to(col_colors, mask.shape), np.broadcast_to(rows, mask.shape)]
-        blocks.append(np.where(mask, values, 0.0))
-    return blocks
+    flat = np.asarray(compressed).ravel()
+    return [
+        np.where(mask, flat[np.maximum(slot, 0)], 0.0)
+        for mask, slot in zip(structure.masks, structure.slots, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -149,13 +163,12 @@ class BlockFactor:
     def compressed_inverse(self) -> np.ndarray:
         """Entries of ``Q^-1`` on ``Q``'s pattern, compressed like the Hessian-vector products: (K, n)."""
         structure = self.structure
-        n_colors = int(structure.colors.max()) + 1 if structure.n else 0
-        out = np.zeros((n_colors, structure.n))
-        for idx, mask, inv in zip(structure.groups, structure.masks, self.inverse_blocks(), strict=True):
-            rows = np.broadcast_to(idx[:, :, None], mask.shape)
-            col_colors = np.broadcast_to(structure.colors[idx][:, None, :], mask.shape)
-            out[col_colors[mask], rows[mask]] = inv[mask]
-        return out
+        size = structure.n_colors * structure.n
+        out = np.zeros(size)
+        for mask, slot, inv in zip(structure.masks, structure.slots, self.inverse_blocks(), strict=True):
+            # entries read from the same product (Q_ij and Q_ji) add up: phi = sum_ij (Q^-1)_ij Q_ij
+            out += np.bincount(slot[mask], weights=inv[mask], minlength=size)
+        return out.reshape(structure.n_colors, structure.n)
 
     def diagonal_of_inverse(self) -> np.ndarray:
         out = np.empty(self.structure.n)
@@ -195,3 +208,80 @@ def damped_blocks(structure: BlockStructure, q_compressed: np.ndarray, min_eig: 
 def dense_blocks(structure: BlockStructure, q_compressed: np.ndarray) -> list[np.ndarray]:
     """The dense blocks of ``Q`` (for reports and tests)."""
     return _block_entries(structure, q_compressed)
+
+
+@dataclass(frozen=True)
+class BatchedBlockFactor:
+    """Cholesky factors of the blocks of many positive definite matrices with one block structure.
+
+    Attributes
+    ----------
+    structure : BlockStructure
+    cholesky : list of ndarray
+        Lower factors, one (m_batch, n_blocks, size, size) array per block size.
+    """
+
+    structure: BlockStructure
+    cholesky: list[np.ndarray]
+
+    def log_det(self) -> np.ndarray:
+        """Log-determinant of each matrix, shape (m_batch,)."""
+        return sum(2.0 * np.sum(np.log(np.diagonal(c, axis1=-2, axis2=-1)), axis=(-2, -1)) for c in self.cholesky)
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """``Q_k^-1 rhs_k`` for ``rhs`` of shape (m_batch, n)."""
+        out = np.empty_like(rhs, dtype=float)
+        for idx, chol in zip(self.structure.groups, self.cholesky, strict=True):
+            y = np.linalg.solve(chol, rhs[:, idx][..., None])
+            out[:, idx] = np.linalg.solve(np.swapaxes(chol, -1, -2), y)[..., 0]
+        return out
+
+    def transposed_inverse_times(self, z: np.ndarray) -> np.ndarray:
+        """``L_k^-T z_k`` for ``z`` of shape (m_batch, n): a draw from ``N(0, Q_k^-1)`` for standard normal ``z``."""
+        out = np.empty_like(z, dtype=float)
+        for idx, chol in zip(self.structure.groups, self.cholesky, strict=True):
+            out[:, idx] = np.linalg.solve(np.swapaxes(chol, -1, -2), z[:, idx][..., None])[..., 0]
+        return out
+
+    @classmethod
+    def identity(cls, structure: BlockStructure, batch: int) -> BatchedBlockFactor:
+        """Identity factors, to be filled in."""
+        return cls(structure, [np.tile(np.eye(g.shape[1]), (batch, g.shape[0], 1, 1)) for g in structure.groups])
+
+    def take(self, positions: np.ndarray, other: BatchedBlockFactor, from_positions: np.ndarray) -> None:
+        """Copy the factors at ``from_positions`` of ``other`` to ``positions``."""
+        for mine, theirs in zip(self.cholesky, other.cholesky, strict=True):
+            mine[positions] = theirs[from_positions]
+
+    def set(self, k: int, factor: BlockFactor) -> None:
+        """Put the factor of one matrix (from an unbatched solve) at batch position ``k``."""
+        for batched, single in zip(self.cholesky, factor.cholesky, strict=True):
+            batched[k] = single
+
+
+def factor_blocks_batched(structure: BlockStructure, q_compressed: np.ndarray) -> tuple[BatchedBlockFactor, np.ndarray]:
+    """Cholesky of every block of many ``Q`` given as compressed products ``(m_batch, K, n)``.
+
+    Returns the factors and a bool array (m_batch,) of the matrices that are positive definite; the factors of the
+    others are identities (placeholders to be replaced).
+    """
+    flat = np.asarray(q_compressed).reshape(q_compressed.shape[0], -1)
+    positive = np.ones(flat.shape[0], dtype=bool)
+    blocks = [
+        np.where(mask, flat[:, np.maximum(slot, 0)], 0.0)
+        for mask, slot in zip(structure.masks, structure.slots, strict=True)
+    ]
+    for q in blocks:
+        try:
+            np.linalg.cholesky(q)
+        except np.linalg.LinAlgError:
+            positive &= np.all(np.linalg.eigvalsh(q)[..., 0] > 0, axis=-1)
+    factors = []
+    for q in blocks:
+        q = np.where(positive[:, None, None, None], q, np.eye(q.shape[-1]))
+        try:
+            factors.append(np.linalg.cholesky(q))
+        except np.linalg.LinAlgError:  # positive eigenvalues that Cholesky cannot resolve: solved one at a time
+            positive[:] = False
+            factors.append(np.broadcast_to(np.eye(q.shape[-1]), q.shape).copy())
+    return BatchedBlockFactor(structure, factors), positive

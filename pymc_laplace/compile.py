@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -61,8 +62,10 @@ class FlatLayout:
 
     def join(self, point: Mapping[str, Any]) -> np.ndarray:
         """``{value name: array}`` -> flat vector."""
-        return np.concatenate([np.asarray(point[n], dtype=float).ravel() for n in self.names]) if self.names else (
-            np.zeros(0)
+        return (
+            np.concatenate([np.asarray(point[n], dtype=float).ravel() for n in self.names])
+            if self.names
+            else (np.zeros(0))
         )
 
     def indices(self, names: Sequence[str]) -> np.ndarray:
@@ -111,6 +114,10 @@ class CompiledJoint:
         The model's coords.
     describe_point : callable
         ``x -> str``: each variable's log density at ``x``, for error messages.
+    logp_and_outputs_batched : callable, optional
+        ``X (m, n) -> [logp (m,), *values (m, ...)]``: ``logp_and_outputs`` vectorised over a batch of points
+        (compiled on first use). Where the model has parameter checks, one failing point makes the whole batch's
+        log density ``-inf``: callers evaluate such points again one at a time.
     """
 
     layout: FlatLayout
@@ -123,6 +130,7 @@ class CompiledJoint:
     constant_data: tuple[DataVariable, ...]
     coords: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     describe_point: Callable[[np.ndarray], str] = repr
+    logp_and_outputs_batched: Callable[[np.ndarray], list[np.ndarray]] | None = None
 
 
 def element_labels(
@@ -419,6 +427,45 @@ def start_point_error(logp: float, description: str) -> StartPointError:
     )
 
 
+class _CompileClock:
+    """Seconds spent building and compiling graphs in this process (nested spans counted once)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._depth = 0
+        self._start = 0.0
+
+    def __enter__(self) -> _CompileClock:
+        if self._depth == 0:
+            self._start = time.perf_counter()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.total += time.perf_counter() - self._start
+
+
+COMPILE_CLOCK = _CompileClock()
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent building and compiling pytensor graphs for fits (for timing reports)."""
+    return COMPILE_CLOCK.total
+
+
+def _timed(function: Callable) -> Callable:
+    """Count the time spent in ``function`` on the compile clock."""
+
+    @functools.wraps(function)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with COMPILE_CLOCK:
+            return function(*args, **kwargs)
+
+    return timed
+
+
 def check_start(
     logp_and_outputs: Callable[[np.ndarray], list[np.ndarray]], start: np.ndarray, describe_point: Callable
 ) -> None:
@@ -435,6 +482,7 @@ def check_start(
         raise start_point_error(start_logp, describe_point(start))
 
 
+@_timed
 def compile_joint(
     model: pm.Model,
     *,
@@ -538,6 +586,16 @@ def compile_joint(
         f, g, h = vgh_fn(xv)
         return float(f), g, h
 
+    batch = pt.matrix("unconstrained_batch")
+    batched_fn: list[Callable] = []
+
+    def logp_and_outputs_batched(xs: np.ndarray) -> list[np.ndarray]:
+        if not batched_fn:
+            with COMPILE_CLOCK:
+                vectorised = vectorize_graph([logp_flat, *outputs_flat], {x: batch})
+                batched_fn.append(compile_graph([batch], vectorised, **kwargs))
+        return batched_fn[0](xs)
+
     observed, constant = _data_variables(model)
     compiled = CompiledJoint(
         layout=layout,
@@ -550,6 +608,7 @@ def compile_joint(
         constant_data=constant,
         coords=coords,
         describe_point=describe_point,
+        logp_and_outputs_batched=logp_and_outputs_batched,
     )
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled
@@ -578,11 +637,14 @@ class CompiledSplit:
     repattern : callable
         ``() -> pattern`` walked again with the data containers' current values (after ``pm.set_data``).
     colors : ndarray of int, shape (n_b,)
-        Column colouring of ``pattern``.
+        Colouring of the symmetric ``pattern``: star or column, whichever needs fewer colours.
     joint_value : callable
         ``(b, theta) -> l``.
     joint_newton : callable
         ``(b, theta) -> (l, dl/db, HV)`` with ``HV[c] = (d2l/db2) @ indicator(colour c)``, shape (K, n_b).
+    joint_value_batched, joint_newton_batched : callable
+        The same vectorised over a batch: ``(B (m, n_b), Theta (m, n_theta)) -> l (m,)`` and
+        ``-> (l (m,), dl/db (m, n_b), HV (m, K, n_b))``, for the inner solves of many ``theta`` draws at once.
     outer_terms : callable
         ``(b, theta, S) -> (dl/dtheta, dphi/db, dphi/dtheta)`` where ``phi = -sum(S * HV)``; with ``S`` holding
         the entries of ``Q^-1`` on ``Q``'s pattern, compressed like ``HV``.
@@ -616,6 +678,8 @@ class CompiledSplit:
     repattern: Callable[[], Any]
     joint_value: Callable[[np.ndarray, np.ndarray], float]
     joint_newton: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
+    joint_value_batched: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    joint_newton_batched: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
     outer_terms: Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
     mixed_product: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
     cross_product: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -628,6 +692,7 @@ class CompiledSplit:
     b_in_joint: np.ndarray
 
 
+@_timed
 def compile_split(
     model: pm.Model,
     *,
@@ -641,7 +706,7 @@ def compile_split(
     of their transforms: the integral is over their unconstrained values) and of the potentials; the prior of
     ``theta`` is compiled separately.
     """
-    from pymc_laplace.structure import color_columns, walk_hessian_pattern
+    from pymc_laplace.structure import hessian_coloring, walk_hessian_pattern
 
     if isinstance(random, str):
         random = [random]
@@ -703,7 +768,7 @@ def compile_split(
     walk_point = {b: b_layout.join(point), theta: theta_start}
     walked = walk_hessian_pattern(joint_lp, b, walk_point)
     pattern = walked.pattern
-    colors = color_columns(pattern)
+    colors = hessian_coloring(pattern)
     n_colors = int(colors.max()) + 1 if colors.size else 0
     grad_b = pt.grad(joint_lp, b)
     # One Hessian-vector product with the direction as an input, vectorised over a batch of directions: the graph
@@ -727,6 +792,12 @@ def compile_split(
 
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
 
+    b_batch, theta_batch = pt.matrix("b_batch"), pt.matrix("theta_batch")
+
+    def batched(outputs: Any) -> Callable[[], Any]:
+        """The graphs vectorised over a batch of ``(b, theta)``, built when first compiled."""
+        return lambda: vectorize_graph(outputs, {b: b_batch, theta: theta_batch})
+
     def lazy(inputs: list, outputs: Any, *, called_often: bool = True) -> Callable:
         """Compile on first use: the third-derivative graphs are costly and a value-only use never needs them.
 
@@ -738,7 +809,9 @@ def compile_split(
 
         def call(*args: np.ndarray, **named: np.ndarray) -> Any:
             if not compiled_fn:
-                compiled_fn.append(compile_graph(inputs, outputs, **options))
+                with COMPILE_CLOCK:
+                    graphs = outputs() if callable(outputs) else outputs
+                    compiled_fn.append(compile_graph(inputs, graphs, **options))
             return compiled_fn[0](*args, **named)
 
         return call
@@ -754,6 +827,10 @@ def compile_split(
         pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
         repattern=lambda: walk_hessian_pattern(joint_lp, b, walk_point, warn=False).pattern,
         joint_value=lazy([b, theta], joint_lp),
+        joint_value_batched=lazy([b_batch, theta_batch], batched(joint_lp)),
+        joint_newton_batched=functools.partial(
+            lazy([b_batch, theta_batch, directions], batched([joint_lp, grad_b, hv])), directions=indicators
+        ),
         joint_newton=functools.partial(lazy([b, theta, directions], [joint_lp, grad_b, hv]), directions=indicators),
         outer_terms=functools.partial(
             lazy([b, theta, compressed_inverse, directions], [grad_theta, dphi_db, dphi_dtheta]),

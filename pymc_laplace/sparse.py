@@ -24,6 +24,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
+from pymc_laplace.errors import ModelSpecificationError
+from pymc_laplace.structure import recovery_slots
+
 SparseBackend = Literal["cholmod", "superlu"]
 
 
@@ -47,6 +50,8 @@ class SparsePattern:
         Coordinates of the structurally nonzero entries (both triangles).
     colors : ndarray of int, shape (n,)
     backend : {"cholmod", "superlu"}
+    slots : ndarray of int
+        Flat index into the compressed products ``(K, n)`` where each entry is read (``structure.recovery_slots``).
     """
 
     n: int
@@ -54,6 +59,11 @@ class SparsePattern:
     cols: np.ndarray
     colors: np.ndarray
     backend: SparseBackend
+    slots: np.ndarray
+
+    @property
+    def n_colors(self) -> int:
+        return int(self.colors.max()) + 1 if self.n else 0
 
     def factor(self, q_compressed: np.ndarray) -> tuple[SparseFactor | None, np.ndarray]:
         """Cholesky of ``Q``; ``(factor or None, index of a random effect where it is not PD)``."""
@@ -65,7 +75,7 @@ class SparsePattern:
 
     def assemble(self, compressed: np.ndarray, shift: float = 0.0) -> sp.csc_matrix:
         """``Q + shift I`` as a sparse matrix from the compressed products ``(K, n)`` of ``Q``."""
-        values = compressed[self.colors[self.cols], self.rows]
+        values = np.asarray(compressed).ravel()[self.slots]
         q = sp.csc_matrix((values, (self.rows, self.cols)), shape=(self.n, self.n))
         q = (q + q.T) * 0.5  # exact products are symmetric to rounding; the factorisations assume symmetry
         if shift:
@@ -74,10 +84,12 @@ class SparsePattern:
 
 
 def sparse_pattern(pattern: sp.spmatrix, colors: np.ndarray, backend: SparseBackend) -> SparsePattern:
-    coo = sp.coo_matrix(pattern, dtype=bool)
-    coo = sp.coo_matrix(coo + coo.T + sp.eye(pattern.shape[0], dtype=bool))  # symmetric, with the diagonal
+    slot_matrix = recovery_slots(pattern, colors)  # on the symmetric pattern, with the diagonal
+    if slot_matrix is None:
+        raise ModelSpecificationError("The colouring does not determine every entry of the Hessian pattern.")
+    coo = slot_matrix.tocoo()
     return SparsePattern(pattern.shape[0], coo.row.astype(np.int64), coo.col.astype(np.int64),
-                         np.asarray(colors, dtype=np.int64), backend)  # fmt: skip
+                         np.asarray(colors, dtype=np.int64), backend, coo.data.astype(np.int64) - 1)  # fmt: skip
 
 
 class NotPositiveDefinite(Exception):
@@ -141,9 +153,9 @@ class SparseFactor:
         """Entries of ``Q^-1`` on ``Q``'s pattern, compressed like the Hessian-vector products: (K, n)."""
         structure = self.structure
         values = np.asarray(self._inverse_original()[structure.rows, structure.cols]).ravel()
-        out = np.zeros((int(structure.colors.max()) + 1, structure.n))
-        out[structure.colors[structure.cols], structure.rows] = values
-        return out
+        size = structure.n_colors * structure.n
+        # entries read from the same product (Q_ij and Q_ji) add up: phi = sum_ij (Q^-1)_ij Q_ij
+        return np.bincount(structure.slots, weights=values, minlength=size).reshape(structure.n_colors, structure.n)
 
     def diagonal_of_inverse(self) -> np.ndarray:
         lower_inverse = self.selected_inverse

@@ -589,11 +589,116 @@ def color_columns(pattern: sp.spmatrix) -> np.ndarray:
     return colors
 
 
+def symmetric_pattern(pattern: sp.spmatrix) -> sp.csr_matrix:
+    """``pattern``, its transpose and the diagonal: the entries of a symmetric ``Q`` that are read and factorised."""
+    pattern = sp.csr_matrix(pattern, dtype=bool)
+    full = pattern + pattern.T + sp.eye(pattern.shape[0], dtype=bool, format="csr")
+    full = sp.csr_matrix(full, dtype=bool)
+    full.sort_indices()
+    return full
+
+
+def star_color(pattern: sp.spmatrix) -> np.ndarray:
+    """Greedy star colouring of the adjacency graph of a symmetric pattern (largest degree first).
+
+    A distance-1 colouring in which every path on four vertices uses at least three colours (Gebremedhin, Manne and
+    Pothen, 2005): each entry of a symmetric matrix can then be read directly from the compressed products, from
+    the column's colour or from the row's. For crossed random effects it needs far fewer colours than a column
+    colouring (every level of one factor may share a colour). Whether each entry can be read is checked by
+    :func:`recovery_slots`, not assumed.
+    """
+    full = symmetric_pattern(pattern)
+    n = full.shape[0]
+    adjacency = sp.csr_matrix(full - sp.eye(n, dtype=bool, format="csr"), dtype=bool)
+    adjacency.eliminate_zeros()
+    indptr, indices = adjacency.indptr, adjacency.indices
+    degree = np.diff(indptr)
+    colors = np.full(n, -1, dtype=np.int64)
+    max_colors = int(degree.max(initial=0)) ** 2 + 2 if n else 1
+    # counts[x, a]: coloured neighbours of x with colour a (grown as colours are opened)
+    counts = np.zeros((n, min(max_colors, 64)), dtype=np.int32)
+    for v in np.argsort(-degree, kind="stable"):
+        neighbours = indices[indptr[v] : indptr[v + 1]]
+        # the neighbours x of each neighbour w, all at once (x != v, x coloured)
+        lengths = indptr[neighbours + 1] - indptr[neighbours]
+        offsets = np.repeat(indptr[neighbours] - (np.cumsum(lengths) - lengths), lengths)
+        second = indices[np.arange(int(lengths.sum())) + offsets]
+        via = np.repeat(neighbours, lengths)
+        keep = (second != v) & (colors[second] >= 0)
+        second, via = second[keep], via[keep]
+        via_color = colors[via]
+        # w uncoloured: x's colour is forbidden; w coloured: forbidden if x has another neighbour coloured like w
+        # (the path v-w-x-y would be two-coloured)
+        blocked = (via_color < 0) | (counts[second, np.maximum(via_color, 0)] >= 2)
+        forbidden = [colors[neighbours][colors[neighbours] >= 0], colors[second][blocked]]
+        used = np.unique(np.concatenate(forbidden))
+        free = np.flatnonzero(np.isin(np.arange(used.size + 1), used, invert=True))
+        color = int(free[0])
+        if color >= counts.shape[1]:
+            counts = np.concatenate([counts, np.zeros_like(counts)], axis=1)
+        colors[v] = color
+        counts[neighbours, color] += 1
+    return colors
+
+
+def recovery_slots(pattern: sp.spmatrix, colors: np.ndarray) -> sp.csr_matrix | None:
+    """Where each entry of a symmetric ``Q`` is read in its compressed products ``HV[c] = Q @ indicator(colour c)``.
+
+    Returns an integer matrix on :func:`symmetric_pattern` with ``c * n + r + 1`` at ``(i, j)`` when
+    ``Q[i, j] = HV[c, r]`` identically: ``(colour(j), i)`` when ``j`` is the only column of its colour with a
+    structural nonzero in row ``i``, else ``(colour(i), j)`` when ``i`` is the only one of its colour in row ``j``.
+    None when some entry can be read neither way (the colouring does not determine ``Q``).
+    """
+    full = symmetric_pattern(pattern)
+    n = full.shape[0]
+    colors = np.asarray(colors, dtype=np.int64)
+    if n == 0:
+        return sp.csr_matrix((0, 0), dtype=np.int64)
+    n_colors = int(colors.max()) + 1
+    indicator = sp.csr_matrix((np.ones(n, dtype=np.int64), (np.arange(n), colors)), shape=(n, n_colors))
+    counts = sp.csr_matrix(full.astype(np.int64) @ indicator)  # counts[r, c]: columns of colour c nonzero in row r
+    coo = full.tocoo()
+    rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
+    direct = np.asarray(counts[rows, colors[cols]]).ravel() == 1
+    reverse = np.asarray(counts[cols, colors[rows]]).ravel() == 1
+    if not np.all(direct | reverse):
+        return None
+    slots = np.where(direct, colors[cols] * n + rows, colors[rows] * n + cols) + 1
+    out = sp.csr_matrix((slots, (rows, cols)), shape=(n, n))
+    out.sort_indices()
+    return out
+
+
+def hessian_coloring(pattern: sp.spmatrix) -> np.ndarray:
+    """The colouring of a symmetric ``Q``'s pattern with fewer colours of a column colouring and a star colouring.
+
+    Both are checked to determine every entry (:func:`recovery_slots`); the column colouring always does.
+    """
+    full = symmetric_pattern(pattern)
+    columns = color_columns(full)
+    star = star_color(full)
+    if star.size and star.max() < columns.max() and recovery_slots(full, star) is not None:
+        return star
+    return columns
+
+
 def recover_from_compressed(pattern: sp.spmatrix, colors: np.ndarray, products: np.ndarray) -> sp.csr_matrix:
-    """The sparse matrix on ``pattern`` from its compressed products ``products[c] = H @ indicator(colour c)``."""
-    coo = sp.coo_matrix(pattern, dtype=bool)
-    values = np.asarray(products)[colors[coo.col], coo.row]
-    return sp.csr_matrix((values, (coo.row, coo.col)), shape=pattern.shape)
+    """The symmetric matrix on ``symmetric_pattern(pattern)`` from its products ``products[c] = H @ indicator(c)``."""
+    slots = recovery_slots(pattern, colors)
+    if slots is None:
+        raise ValueError("this colouring does not determine every entry of the pattern")
+    values = np.asarray(products).ravel()[slots.data - 1]
+    return sp.csr_matrix((values, slots.indices, slots.indptr), shape=slots.shape)
 
 
-__all__ = ["GraphPattern", "color_columns", "hessian_pattern", "recover_from_compressed", "walk_hessian_pattern"]
+__all__ = [
+    "GraphPattern",
+    "color_columns",
+    "hessian_coloring",
+    "hessian_pattern",
+    "recover_from_compressed",
+    "recovery_slots",
+    "star_color",
+    "symmetric_pattern",
+    "walk_hessian_pattern",
+]
