@@ -21,7 +21,10 @@ import pytensor
 import pytensor.tensor as pt
 from pymc.pytensorf import compile as compile_graph
 from pymc.pytensorf import constant_fold, join_nonshared_inputs
-from pytensor.graph.replace import vectorize_graph
+from pytensor.compile.sharedvalue import SharedVariable
+from pytensor.graph.basic import Variable, equal_computations
+from pytensor.graph.replace import graph_replace, vectorize_graph
+from pytensor.graph.traversal import graph_inputs
 from pytensor.scalar.math import Sigmoid
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
@@ -541,9 +544,28 @@ def compile_joint(
     outputs = model.replace_rvs_by_values(posterior_rvs)
     [logp_flat, *outputs_flat], x = join_nonshared_inputs(point, [logp, *outputs], value_vars)
     x.name = "unconstrained"
+    [logp_flat, *outputs_flat], shared, data = _data_as_inputs([logp_flat, *outputs_flat])
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
-    # pymc's compile turns parameter checks into -inf (a draw outside the support is not an error)
-    out_fn = compile_graph([x], [logp_flat, *outputs_flat], **kwargs)
+    reuse_key = ("joint", derivatives, tuple(sorted(kwargs.items())) if key is not None else None)
+    functions = _find_reusable(reuse_key, [logp_flat, *outputs_flat], [x, *data])
+    if functions is None:
+        batch = pt.matrix("unconstrained_batch")
+        # pymc's compile turns parameter checks into -inf (a draw outside the support is not an error)
+        functions = {
+            "logp_and_outputs": _LazyFunction([*data, x], [logp_flat, *outputs_flat], kwargs),
+            "batched": _LazyFunction(
+                [*data, batch], lambda: vectorize_graph([logp_flat, *outputs_flat], {x: batch}), kwargs
+            ),
+        }
+        if derivatives:
+            # The Hessian is assembled from exact Hessian-vector products (one reverse pass over the gradient per
+            # column): a graph about twice the gradient's, which compiles far faster than a vectorised Jacobian.
+            grad = pt.grad(logp_flat, x)
+            direction = pt.vector("direction")
+            hvp = pt.grad(pt.sum(grad * direction), x)
+            functions["value_grad_hvp"] = _LazyFunction([*data, x, direction], [logp_flat, grad, hvp], kwargs)
+        _store_reusable(reuse_key, [logp_flat, *outputs_flat], [x, *data], functions)
+    out_fn = _with_data(functions["logp_and_outputs"], shared)
 
     def describe_point(xv: np.ndarray) -> str:
         values = layout.split(xv)
@@ -561,12 +583,7 @@ def compile_joint(
     check_start(out_fn, start, describe_point)
 
     if derivatives:
-        # The Hessian is assembled from exact Hessian-vector products (one reverse pass over the gradient per
-        # column): a graph about twice the gradient's, which compiles far faster than a vectorised Jacobian.
-        grad = pt.grad(logp_flat, x)
-        direction = pt.vector("direction")
-        hvp = pt.grad(pt.sum(grad * direction), x)
-        vg_hvp_fn = compile_graph([x, direction], [logp_flat, grad, hvp], **kwargs)
+        vg_hvp_fn = _with_data(functions["value_grad_hvp"], shared)
 
         def vgh_fn(xv: np.ndarray) -> list[np.ndarray]:
             n = xv.size
@@ -586,16 +603,6 @@ def compile_joint(
         f, g, h = vgh_fn(xv)
         return float(f), g, h
 
-    batch = pt.matrix("unconstrained_batch")
-    batched_fn: list[Callable] = []
-
-    def logp_and_outputs_batched(xs: np.ndarray) -> list[np.ndarray]:
-        if not batched_fn:
-            with COMPILE_CLOCK:
-                vectorised = vectorize_graph([logp_flat, *outputs_flat], {x: batch})
-                batched_fn.append(compile_graph([batch], vectorised, **kwargs))
-        return batched_fn[0](xs)
-
     observed, constant = _data_variables(model)
     compiled = CompiledJoint(
         layout=layout,
@@ -608,7 +615,7 @@ def compile_joint(
         constant_data=constant,
         coords=coords,
         describe_point=describe_point,
-        logp_and_outputs_batched=logp_and_outputs_batched,
+        logp_and_outputs_batched=_batched_unless_cheap(functions["batched"], out_fn, shared),
     )
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled
@@ -770,10 +777,61 @@ def compile_split(
     pattern = walked.pattern
     colors = hessian_coloring(pattern)
     n_colors = int(colors.max()) + 1 if colors.size else 0
+    indicators = np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0))  # (K, n_b)
+    walked_joint = joint_lp
+    [joint_lp, prior, natural, loglik], shared, data = _data_as_inputs([joint_lp, prior, natural, loglik])
+    kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
+    reuse_key = ("split", tuple(sorted(kwargs.items())) if key is not None else None)
+    functions = _find_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data])
+    if functions is None:
+        functions = _split_functions(joint_lp, prior, natural, loglik, b, theta, data, kwargs)
+        _store_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data], functions)
+    bound = {name: _with_data(function, shared) for name, function in functions.items()}
+
+    compiled = CompiledSplit(
+        theta_layout=theta_layout,
+        b_layout=b_layout,
+        theta_start=theta_start,
+        b_start=b_layout.join(point),
+        pattern=pattern,
+        colors=colors,
+        pattern_fallbacks=walked.fallback_ops,
+        pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
+        repattern=lambda: walk_hessian_pattern(walked_joint, b, walk_point, warn=False).pattern,
+        joint_value=bound["joint_value"],
+        joint_value_batched=bound["joint_value_batched"],
+        joint_newton_batched=functools.partial(bound["joint_newton_batched"], directions=indicators),
+        joint_newton=functools.partial(bound["joint_newton"], directions=indicators),
+        outer_terms=functools.partial(bound["outer_terms"], directions=indicators),
+        mixed_product=bound["mixed_product"],
+        cross_product=bound["cross_product"],
+        likelihood=bound["likelihood"],
+        prior=bound["prior"],
+        natural=bound["natural"],
+        natural_labels=natural_labels,
+        joint=joint,
+        theta_in_joint=layout.indices(list(theta_layout.names)) if theta_values else np.zeros(0, dtype=int),
+        b_in_joint=layout.indices(list(b_layout.names)),
+    )
+    if key is not None:
+        _CACHE.setdefault(model, {})[key] = compiled
+    return compiled
+
+
+def _split_functions(
+    joint_lp: Variable,
+    prior: Variable,
+    natural: Variable,
+    loglik: Variable,
+    b: Variable,
+    theta: Variable,
+    data: list[Variable],
+    kwargs: dict[str, Any],
+) -> dict[str, _LazyFunction]:
+    """Every function of :class:`CompiledSplit`, compiled on first use; the data are their first inputs."""
     grad_b = pt.grad(joint_lp, b)
     # One Hessian-vector product with the direction as an input, vectorised over a batch of directions: the graph
     # is that of one product whatever the number of colours.
-    indicators = np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0))  # (K, n_b)
     direction = pt.vector("direction")
     directions = pt.matrix("directions")  # (K, n_b)
     hv = vectorize_graph(pt.grad(pt.sum(grad_b * direction), b), {direction: directions})
@@ -789,66 +847,122 @@ def compile_split(
     prior_grad = pt.grad(prior, theta, disconnected_inputs="ignore")
     loglik_grad = pt.grad(loglik, theta, disconnected_inputs="ignore")
     natural_jacobian = pytensor.gradient.jacobian(natural, theta, vectorize=True, disconnected_inputs="ignore")
-
-    kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
-
     b_batch, theta_batch = pt.matrix("b_batch"), pt.matrix("theta_batch")
 
     def batched(outputs: Any) -> Callable[[], Any]:
         """The graphs vectorised over a batch of ``(b, theta)``, built when first compiled."""
         return lambda: vectorize_graph(outputs, {b: b_batch, theta: theta_batch})
 
-    def lazy(inputs: list, outputs: Any, *, called_often: bool = True) -> Callable:
-        """Compile on first use: the third-derivative graphs are costly and a value-only use never needs them.
-
-        A function called only a few times a fit is compiled with pytensor's FAST_COMPILE mode (few rewrites):
-        optimising its graph would cost far more than it saves.
-        """
-        compiled_fn: list[Callable] = []
-        options = kwargs if called_often or "mode" in kwargs else {**kwargs, "mode": "FAST_COMPILE"}
-
-        def call(*args: np.ndarray, **named: np.ndarray) -> Any:
-            if not compiled_fn:
-                with COMPILE_CLOCK:
-                    graphs = outputs() if callable(outputs) else outputs
-                    compiled_fn.append(compile_graph(inputs, graphs, **options))
-            return compiled_fn[0](*args, **named)
-
-        return call
-
-    compiled = CompiledSplit(
-        theta_layout=theta_layout,
-        b_layout=b_layout,
-        theta_start=theta_start,
-        b_start=b_layout.join(point),
-        pattern=pattern,
-        colors=colors,
-        pattern_fallbacks=walked.fallback_ops,
-        pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
-        repattern=lambda: walk_hessian_pattern(joint_lp, b, walk_point, warn=False).pattern,
-        joint_value=lazy([b, theta], joint_lp),
-        joint_value_batched=lazy([b_batch, theta_batch], batched(joint_lp)),
-        joint_newton_batched=functools.partial(
-            lazy([b_batch, theta_batch, directions], batched([joint_lp, grad_b, hv])), directions=indicators
+    # A function called only a few times a fit is compiled with pytensor's FAST_COMPILE mode (few rewrites):
+    # optimising its graph would cost far more than it saves.
+    rarely = kwargs if "mode" in kwargs else {**kwargs, "mode": "FAST_COMPILE"}
+    return {
+        "joint_value": _LazyFunction([*data, b, theta], joint_lp, kwargs),
+        "joint_newton": _LazyFunction([*data, b, theta, directions], [joint_lp, grad_b, hv], kwargs),
+        "joint_value_batched": _LazyFunction([*data, b_batch, theta_batch], batched(joint_lp), kwargs),
+        "joint_newton_batched": _LazyFunction(
+            [*data, b_batch, theta_batch, directions], batched([joint_lp, grad_b, hv]), kwargs
         ),
-        joint_newton=functools.partial(lazy([b, theta, directions], [joint_lp, grad_b, hv]), directions=indicators),
-        outer_terms=functools.partial(
-            lazy([b, theta, compressed_inverse, directions], [grad_theta, dphi_db, dphi_dtheta]),
-            directions=indicators,
+        "outer_terms": _LazyFunction(
+            [*data, b, theta, compressed_inverse, directions], [grad_theta, dphi_db, dphi_dtheta], kwargs
         ),
-        mixed_product=lazy([b, theta, w], mixed),
-        cross_product=lazy([b, theta, v], cross_row, called_often=False),
-        likelihood=lazy([b, theta], [loglik, loglik_grad], called_often=False),
-        prior=lazy([theta], [prior, prior_grad]),
-        natural=lazy([theta], [natural, natural_jacobian], called_often=False),
-        natural_labels=natural_labels,
-        joint=joint,
-        theta_in_joint=layout.indices(list(theta_layout.names)) if theta_values else np.zeros(0, dtype=int),
-        b_in_joint=layout.indices(list(b_layout.names)),
-    )
-    if key is not None:
-        _CACHE.setdefault(model, {})[key] = compiled
-    return compiled
+        "mixed_product": _LazyFunction([*data, b, theta, w], mixed, kwargs),
+        "cross_product": _LazyFunction([*data, b, theta, v], cross_row, rarely),
+        "likelihood": _LazyFunction([*data, b, theta], [loglik, loglik_grad], rarely),
+        "prior": _LazyFunction([*data, theta], [prior, prior_grad], kwargs),
+        "natural": _LazyFunction([*data, theta], [natural, natural_jacobian], rarely),
+    }
+
+
+class _LazyFunction:
+    """A pytensor function compiled on first call (the third-derivative graphs are costly; a value-only use never
+    needs them). ``outputs`` may be a callable that builds the graphs then."""
+
+    def __init__(self, inputs: list[Variable], outputs: Any, options: dict[str, Any]) -> None:
+        self.inputs, self.outputs, self.options = inputs, outputs, options
+        self.function: Callable | None = None
+
+    def __call__(self, *args: Any, **named: Any) -> Any:
+        if self.function is None:
+            with COMPILE_CLOCK:
+                graphs = self.outputs() if callable(self.outputs) else self.outputs
+                self.function = compile_graph(self.inputs, graphs, **self.options)
+        return self.function(*args, **named)
+
+
+def _with_data(function: Callable, shared: Sequence[Any]) -> Callable:
+    """``function`` called with the current values of the model's data containers first."""
+    if not shared:
+        return function
+
+    def call(*args: Any, **named: Any) -> Any:
+        return function(*[var.get_value(borrow=True) for var in shared], *args, **named)
+
+    return call
+
+
+# Below this many seconds for a batch point by point, a batched function not yet compiled is not worth compiling.
+CHEAP_LOOP_SECONDS = 1.0
+
+
+def _batched_unless_cheap(batched: _LazyFunction, single: Callable, shared: Sequence[Any]) -> Callable:
+    """``X (m, n) -> [logp (m,), *outputs (m, ...)]``: the batched function, or, while it is not compiled and the
+    batch is cheap point by point (timed on its first point), the single-point function in a loop."""
+    vectorised = _with_data(batched, shared)
+
+    def call(xs: np.ndarray) -> list[np.ndarray]:
+        if batched.function is None and len(xs):
+            began = time.perf_counter()
+            first = single(xs[0])
+            if (time.perf_counter() - began) * len(xs) < CHEAP_LOOP_SECONDS:
+                rows = [first, *(single(x) for x in xs[1:])]
+                return [np.stack([np.asarray(row[k]) for row in rows]) for k in range(len(first))]
+        return vectorised(xs)
+
+    return call
+
+
+def _data_as_inputs(outputs: list[Variable]) -> tuple[list[Variable], list[Any], list[Variable]]:
+    """The graphs with each shared variable (data container, dim length) replaced by an input of its type.
+
+    Compiled functions then take the data as arguments: they can serve any model whose graph is the same up to the
+    values of its data containers (a model built again), each called with its own model's current values.
+    """
+    shared = [var for var in graph_inputs(outputs) if isinstance(var, SharedVariable)]
+    if not shared:
+        return list(outputs), [], []
+    placeholders = [var.type(name=var.name) for var in shared]
+    replaced = graph_replace(list(outputs), dict(zip(shared, placeholders, strict=True)), strict=False)
+    return list(replaced), shared, placeholders
+
+
+# Compiled functions of graphs seen in this process, by the graphs themselves: a model built again (same graph,
+# same constants, data containers of the same types) reuses them. Compared with pytensor's equal_computations, so
+# two graphs share functions only when they compute the same thing from the same inputs.
+_REUSABLE: list[tuple[Any, list[Variable], list[Variable], dict[str, _LazyFunction]]] = []
+MAX_REUSABLE = 32
+
+
+def _find_reusable(key: Any, outputs: list[Variable], inputs: list[Variable]) -> dict[str, _LazyFunction] | None:
+    if key is None or key[-1] is None:
+        return None
+    for entry_key, entry_outputs, entry_inputs, functions in _REUSABLE:
+        if entry_key != key or len(entry_inputs) != len(inputs) or len(entry_outputs) != len(outputs):
+            continue
+        if all(a.type == b.type for a, b in zip(inputs, entry_inputs, strict=True)) and equal_computations(
+            outputs, entry_outputs, in_xs=inputs, in_ys=entry_inputs
+        ):
+            return functions
+    return None
+
+
+def _store_reusable(
+    key: Any, outputs: list[Variable], inputs: list[Variable], functions: dict[str, _LazyFunction]
+) -> None:
+    if key is None or key[-1] is None:
+        return
+    _REUSABLE.append((key, outputs, inputs, functions))
+    del _REUSABLE[:-MAX_REUSABLE]
 
 
 # What has been compiled for a model, reused while the model lives (a fit of the same model in the same process
@@ -860,6 +974,7 @@ _CACHE: weakref.WeakKeyDictionary[pm.Model, dict[tuple, Any]] = weakref.WeakKeyD
 def clear_compile_cache() -> None:
     """Forget every compiled model: the next fit of any model compiles again."""
     _CACHE.clear()
+    _REUSABLE.clear()
 
 
 def _cache_key(

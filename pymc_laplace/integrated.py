@@ -282,6 +282,8 @@ MAX_REDRAWS = 10
 # The inner solves of the draws are batched so that a batch's compressed products and data-sized intermediates hold
 # about this many numbers.
 BATCH_ELEMENTS = 4_000_000
+# Draws that one at a time would take less than this many seconds are not batched (compiling costs more).
+CHEAP_DRAWS_SECONDS = 2.0
 
 
 def boundary_directions(
@@ -538,13 +540,18 @@ def fit_integrated_laplace(
 
     n_draws, n_b = theta_draws.shape[0], solution.b.size
     with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
-        if isinstance(laplace.structure, BlockStructure) and n_draws > 1:
+        began = time.perf_counter()
+        draw_one(0)
+        bar.update(advance=1)
+        # batched when the draws one at a time would take long enough to pay for compiling the batched graphs
+        batched = (time.perf_counter() - began) * n_draws > CHEAP_DRAWS_SECONDS
+        if isinstance(laplace.structure, BlockStructure) and n_draws > 1 and batched:
             # all theta draws at once, in batches: one compiled call per Newton step for the whole batch, started
             # from the linear prediction of each mode (b^ + d b^/d theta (theta - theta^))
             n_obs_total = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
             per_draw = max(1, laplace.structure.n_colors) * (n_b + n_obs_total)
             batch = int(np.clip(BATCH_ELEMENTS // per_draw, 1, n_draws))
-            for begin in range(0, n_draws, batch):
+            for begin in range(1, n_draws, batch):
                 rows = np.arange(begin, min(begin + batch, n_draws))
                 starts = solution.b + (theta_draws[rows] - outer.theta) @ jac.T
                 modes, factor, failures = laplace.solve_inner_batch(theta_draws[rows], starts)
@@ -556,7 +563,7 @@ def fit_integrated_laplace(
                     draw_one(int(rows[k]), err)
                 bar.update(advance=rows.size)
         else:
-            for i in range(n_draws):
+            for i in range(1, n_draws):
                 draw_one(i)
                 bar.update(advance=1)
     if failed:

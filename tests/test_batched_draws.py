@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import pymc_laplace.integrated
 from pymc_laplace import fit_integrated_laplace
 from pymc_laplace._compat import get_group
 from pymc_laplace.marginal import InnerSolveError
@@ -49,9 +50,12 @@ def test_batched_solve_reports_failures_per_theta(mixed_marginal):
     np.testing.assert_allclose(modes[0], laplace.solve_inner(theta0).b, atol=1e-7)
 
 
-def test_draws_spread_as_the_delta_method(mixed_marginal):
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-at-a-time"])
+def test_draws_spread_as_the_delta_method(mixed_marginal, monkeypatch, batched):
     """The draws of b (theta drawn, then b given theta) have the standard deviation that the delta method gives
-    (diag Q^-1 + J cov J^T, computed without any draw), up to Monte Carlo error and the linearisation."""
+    (diag Q^-1 + J cov J^T, computed without any draw), up to Monte Carlo error and the linearisation; whether the
+    inner solves are batched or not."""
+    monkeypatch.setattr(pymc_laplace.integrated, "CHEAP_DRAWS_SECONDS", 0.0 if batched else np.inf)
     model, random, laplace = mixed_marginal("cbpp")
     result = fit_integrated_laplace(
         model, random=random, compiled_marginal=laplace, progressbar=False, random_seed=4, draws=1000, chains=4

@@ -92,3 +92,44 @@ def test_set_data_refits_without_compiling(compile_count):
     assert len(compile_count) == compiled
     assert second == pytest.approx(exact, abs=1e-8)
     assert abs(second - first) > 1.0
+
+
+def random_intercepts(y: np.ndarray, group: np.ndarray, *, as_data: bool) -> pm.Model:
+    with pm.Model() as model:
+        observed = pm.Data("y_data", y) if as_data else y
+        mu = pm.Normal("mu", 0.0, 10.0)
+        sd = pm.HalfNormal("sd", 5.0)
+        sigma = pm.HalfNormal("sigma", 5.0)
+        u = pm.Normal("u", 0.0, sd, shape=int(group.max()) + 1)
+        pm.Normal("y", mu + u[group], sigma, observed=observed)
+    return model
+
+
+def test_a_model_built_again_reuses_what_was_compiled(compile_count):
+    """Same graph, other values in its data containers: nothing compiled, and the marginal is that of the new data.
+    Other constants (data passed as arrays): compiled again."""
+    rng = np.random.default_rng(12)
+    group = np.repeat(np.arange(9), 5)
+
+    def fitted(model: pm.Model) -> tuple[float, float]:
+        result = fit_integrated_laplace(model, random=["u"], progressbar=False, random_seed=1, draws=20, chains=2)
+        fit = get_group(result, "fit")
+        natural = dict(zip(fit["natural_rows"].values, fit["natural_estimate"].values, strict=True))
+        y = np.asarray(get_group(result, "observed_data")["y"])
+        return float(fit["log_marginal_likelihood"]), exact_log_marginal(
+            y, group, natural["mu"], natural["sd"], natural["sigma"]
+        )
+
+    first = random_intercepts(rng.normal(2.0, 1.0, 45) + np.repeat(rng.normal(size=9), 5), group, as_data=True)
+    value, exact = fitted(first)
+    assert value == pytest.approx(exact, abs=1e-8)
+    compiled = len(compile_count)
+    again = random_intercepts(rng.normal(-1.0, 2.0, 45) + np.repeat(rng.normal(size=9), 5), group, as_data=True)
+    value_again, exact_again = fitted(again)
+    assert len(compile_count) == compiled
+    assert value_again == pytest.approx(exact_again, abs=1e-8)
+    assert abs(value_again - value) > 1.0
+    constants = random_intercepts(rng.normal(0.5, 1.0, 45) + np.repeat(rng.normal(size=9), 5), group, as_data=False)
+    value_constants, exact_constants = fitted(constants)
+    assert len(compile_count) > compiled
+    assert value_constants == pytest.approx(exact_constants, abs=1e-8)
