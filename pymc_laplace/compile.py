@@ -24,8 +24,9 @@ from pymc.pytensorf import constant_fold, join_nonshared_inputs
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable, equal_computations
 from pytensor.graph.replace import graph_replace, vectorize_graph
-from pytensor.graph.traversal import graph_inputs
+from pytensor.graph.traversal import applys_between, graph_inputs
 from pytensor.scalar.math import Sigmoid
+from pytensor.tensor.blockwise import Blockwise
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
@@ -615,7 +616,11 @@ def compile_joint(
         constant_data=constant,
         coords=coords,
         describe_point=describe_point,
-        logp_and_outputs_batched=_batched_unless_cheap(functions["batched"], out_fn, shared),
+        logp_and_outputs_batched=(
+            _batched_unless_cheap(functions["batched"], out_fn, shared)
+            if _vectorises_cheaply([logp_flat, *outputs_flat])
+            else None
+        ),
     )
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled
@@ -652,6 +657,8 @@ class CompiledSplit:
     joint_value_batched, joint_newton_batched : callable
         The same vectorised over a batch: ``(B (m, n_b), Theta (m, n_theta)) -> l (m,)`` and
         ``-> (l (m,), dl/db (m, n_b), HV (m, K, n_b))``, for the inner solves of many ``theta`` draws at once.
+        None for graphs with batched linear algebra (``Blockwise``: MvNormal, LKJ), whose vectorised derivatives
+        take far longer to compile, and far more memory, than the draws one at a time.
     outer_terms : callable
         ``(b, theta, S) -> (dl/dtheta, dphi/db, dphi/dtheta)`` where ``phi = -sum(S * HV)``; with ``S`` holding
         the entries of ``Q^-1`` on ``Q``'s pattern, compressed like ``HV``.
@@ -685,8 +692,8 @@ class CompiledSplit:
     repattern: Callable[[], Any]
     joint_value: Callable[[np.ndarray, np.ndarray], float]
     joint_newton: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
-    joint_value_batched: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    joint_newton_batched: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
+    joint_value_batched: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
+    joint_newton_batched: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None
     outer_terms: Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
     mixed_product: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
     cross_product: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -787,6 +794,7 @@ def compile_split(
         functions = _split_functions(joint_lp, prior, natural, loglik, b, theta, data, kwargs)
         _store_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data], functions)
     bound = {name: _with_data(function, shared) for name, function in functions.items()}
+    batchable = _vectorises_cheaply([joint_lp])
 
     compiled = CompiledSplit(
         theta_layout=theta_layout,
@@ -799,8 +807,10 @@ def compile_split(
         pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
         repattern=lambda: walk_hessian_pattern(walked_joint, b, walk_point, warn=False).pattern,
         joint_value=bound["joint_value"],
-        joint_value_batched=bound["joint_value_batched"],
-        joint_newton_batched=functools.partial(bound["joint_newton_batched"], directions=indicators),
+        joint_value_batched=bound["joint_value_batched"] if batchable else None,
+        joint_newton_batched=(
+            functools.partial(bound["joint_newton_batched"], directions=indicators) if batchable else None
+        ),
         joint_newton=functools.partial(bound["joint_newton"], directions=indicators),
         outer_terms=functools.partial(bound["outer_terms"], directions=indicators),
         mixed_product=bound["mixed_product"],
@@ -899,6 +909,11 @@ def _with_data(function: Callable, shared: Sequence[Any]) -> Callable:
         return function(*[var.get_value(borrow=True) for var in shared], *args, **named)
 
     return call
+
+
+def _vectorises_cheaply(outputs: list[Variable]) -> bool:
+    """Whether the graphs are free of batched linear algebra (``Blockwise`` ops), which vectorises poorly."""
+    return not any(isinstance(node.op, Blockwise) for node in applys_between(graph_inputs(outputs), outputs))
 
 
 # Below this many seconds for a batch point by point, a batched function not yet compiled is not worth compiling.

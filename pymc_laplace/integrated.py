@@ -545,7 +545,8 @@ def fit_integrated_laplace(
         bar.update(advance=1)
         # batched when the draws one at a time would take long enough to pay for compiling the batched graphs
         batched = (time.perf_counter() - began) * n_draws > CHEAP_DRAWS_SECONDS
-        if isinstance(laplace.structure, BlockStructure) and n_draws > 1 and batched:
+        batched &= compiled.joint_newton_batched is not None and isinstance(laplace.structure, BlockStructure)
+        if batched:
             # all theta draws at once, in batches: one compiled call per Newton step for the whole batch, started
             # from the linear prediction of each mode (b^ + d b^/d theta (theta - theta^))
             n_obs_total = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)

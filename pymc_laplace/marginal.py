@@ -218,8 +218,8 @@ class LaplaceMarginal:
         failures : list of (index, InnerSolveError)
             The ``theta`` whose inner solve failed (their rows of ``modes`` are meaningless).
         """
-        if not isinstance(self.structure, BlockStructure):
-            raise TypeError("solve_inner_batch needs a block-diagonal Q")
+        if not isinstance(self.structure, BlockStructure) or self.compiled.joint_newton_batched is None:
+            raise TypeError("solve_inner_batch needs a block-diagonal Q and a graph without batched linear algebra")
         self.check_data()
         compiled, inner = self.compiled, self.inner
         thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
