@@ -568,11 +568,13 @@ def compile_joint(
         _store_reusable(reuse_key, [logp_flat, *outputs_flat], [x, *data], functions)
     out_fn = _with_data(functions["logp_and_outputs"], shared)
 
+    model_ref = weakref.ref(model)  # the cache entry must not keep its (weakly held) model alive
+
     def describe_point(xv: np.ndarray) -> str:
         values = layout.split(xv)
         lines = [f"  {name} = {np.array2string(v, precision=4, threshold=8)}" for name, v in values.items()]
         try:
-            logps = model.point_logps(values)
+            logps = model_ref().point_logps(values)
             lines += [f"  log density of {name}: {lp}" for name, lp in logps.items()]
         except Exception as err:  # the description is a courtesy; it must not hide the real error
             lines.append(f"  (log densities per variable unavailable: {err})")
