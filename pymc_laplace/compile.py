@@ -790,13 +790,16 @@ def compile_split(
     walked_joint = joint_lp
     [joint_lp, prior, natural, loglik], shared, data = _data_as_inputs([joint_lp, prior, natural, loglik])
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
-    reuse_key = ("split", tuple(sorted(kwargs.items())) if key is not None else None)
+    # pytensor's rewrites do not terminate on vectorised graphs of a 0-d random effect (a Blockwise of its reshape):
+    # then one product graph per colour, stacked
+    stacked_colors = n_colors if any(len(shape) == 0 for shape in b_layout.shapes) else None
+    reuse_key = ("split", stacked_colors, tuple(sorted(kwargs.items())) if key is not None else None)
     functions = _find_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data])
     if functions is None:
-        functions = _split_functions(joint_lp, prior, natural, loglik, b, theta, data, kwargs)
+        functions = _split_functions(joint_lp, prior, natural, loglik, b, theta, data, kwargs, stacked_colors)
         _store_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data], functions)
     bound = {name: _with_data(function, shared) for name, function in functions.items()}
-    batchable = _vectorises_cheaply([joint_lp])
+    batchable = stacked_colors is None and _vectorises_cheaply([joint_lp])
 
     compiled = CompiledSplit(
         theta_layout=theta_layout,
@@ -839,14 +842,21 @@ def _split_functions(
     theta: Variable,
     data: list[Variable],
     kwargs: dict[str, Any],
+    stacked_colors: int | None = None,
 ) -> dict[str, _LazyFunction]:
-    """Every function of :class:`CompiledSplit`, compiled on first use; the data are their first inputs."""
+    """Every function of :class:`CompiledSplit`, compiled on first use; the data are their first inputs.
+
+    ``stacked_colors``: build one product graph per colour (that many), stacked, instead of one vectorised graph.
+    """
     grad_b = pt.grad(joint_lp, b)
     # One Hessian-vector product with the direction as an input, vectorised over a batch of directions: the graph
     # is that of one product whatever the number of colours.
     direction = pt.vector("direction")
     directions = pt.matrix("directions")  # (K, n_b)
-    hv = vectorize_graph(pt.grad(pt.sum(grad_b * direction), b), {direction: directions})
+    if stacked_colors is None:
+        hv = vectorize_graph(pt.grad(pt.sum(grad_b * direction), b), {direction: directions})
+    else:
+        hv = pt.stack([pt.grad(pt.sum(grad_b * directions[c]), b) for c in range(stacked_colors)])
     compressed_inverse = pt.matrix("compressed_inverse")
     phi = -pt.sum(compressed_inverse * hv)
     grad_theta = pt.grad(joint_lp, theta, disconnected_inputs="ignore")
