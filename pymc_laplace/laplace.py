@@ -122,17 +122,19 @@ def fit_laplace(
     full = gaussian_from_precision(mode.x, precision, layout.labels, ridge=ridge, what="model log density")
     log_evidence = mode.logp + 0.5 * layout.size * LOG_2PI - 0.5 * full.log_det_precision
 
-    selected = layout.indices(selected_names)
+    # in the layout's order whatever the order of `vars`: the Gaussian's mean, its labels and the draws agree
+    selected = np.sort(layout.indices(selected_names))
     if selected.size == layout.size:
         gaussian = full
+        unconstrained, log_q = gaussian.sample_and_logpdf(rng, (chains, draws))
     else:
         sub_labels = [layout.labels[i] for i in selected]
         gaussian = gaussian_from_precision(
             mode.x[selected], precision[np.ix_(selected, selected)], sub_labels, ridge=ridge, what="model log density"
         )
-    sub_draws = gaussian.sample(rng, (chains, draws))
-    unconstrained = np.broadcast_to(mode.x, (chains, draws, layout.size)).copy()
-    unconstrained[..., selected] = sub_draws
+        sub_draws, log_q = gaussian.sample_and_logpdf(rng, (chains, draws))
+        unconstrained = np.broadcast_to(mode.x, (chains, draws, layout.size)).copy()
+        unconstrained[..., selected] = sub_draws
     posterior, log_p = evaluate_draws(compiled, unconstrained, progressbar=progressbar)
 
     attrs = {
@@ -145,7 +147,7 @@ def fit_laplace(
         posterior=posterior,
         posterior_variables=compiled.posterior_variables,
         coords=compiled.coords,
-        sample_stats={"log_p": log_p, "log_q": gaussian.logpdf(sub_draws)},
+        sample_stats={"log_p": log_p, "log_q": log_q},
         fit_vectors={"mean_vector": gaussian.mean},
         fit_matrices={"covariance_matrix": gaussian.covariance},
         fit_scalars={"log_marginal_likelihood": log_evidence},
@@ -185,7 +187,11 @@ def find_mode(compiled: CompiledJoint, optimizer: NewtonOptimizer, *, progressba
         def report(step: int, logp: float, grad_norm: float) -> None:
             bar.update(advance=1, status=f"logp {logp:.6g}  max|grad| {grad_norm:.2e}")
 
-        result = optimizer.maximize(compiled.value_grad_hess, start, callback=report)
+        # a rejected trial point needs only the log density: one forward pass instead of the n products of the
+        # Hessian
+        result = optimizer.maximize(
+            compiled.value_grad_hess, start, callback=report, value=lambda x: compiled.logp_and_outputs(x)[0]
+        )
     if result.success:
         return result
     raise OptimizationError(_failure_message(result, compiled, f0, h0, optimizer))
@@ -301,23 +307,56 @@ def _funnel_message(
     )
 
 
+# Draws evaluated per call of a batched function: bounds the memory of its intermediate arrays (a draw of a model
+# with 20,000 observations has arrays of 20,000 values). Larger batches were no faster on 2,000 parameters and
+# 20,000 observations, and slower with 1,000 (their arrays leave the cache); 4,000 bioassay draws take 1 ms.
+DRAWS_PER_BATCH = 250
+
+
 def evaluate_draws(
     compiled: CompiledJoint, unconstrained: np.ndarray, *, progressbar: bool
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Constrained values, Deterministics and log density of each unconstrained draw ``(chain, draw, n)``."""
+    """Constrained values, Deterministics and log density of each unconstrained draw ``(chain, draw, n)``.
+
+    With ``compiled.logp_and_outputs_batched`` (``(M, n) -> [logp (M,), *outputs (M, ...)]``) the draws are
+    evaluated ``DRAWS_PER_BATCH`` at a time; without it, one at a time. A draw whose log density is not finite in a
+    batch is evaluated again on its own, so that a parameter check of the batched graph (one condition over the
+    whole batch) cannot spread one draw's ``-inf`` to the others; a batch that raises is evaluated draw by draw,
+    so an error names the same draw as without batching.
+    """
     lead = unconstrained.shape[:-1]
     flat = unconstrained.reshape(-1, unconstrained.shape[-1])
+    n_draws = flat.shape[0]
     names = [v.name for v in compiled.posterior_variables]
-    log_p = np.empty(flat.shape[0])
+    batched = getattr(compiled, "logp_and_outputs_batched", None)
+    log_p = np.empty(n_draws)
     values: dict[str, np.ndarray] = {}
-    with progress_bar("Draws", flat.shape[0], enabled=progressbar and flat.shape[0] >= 20_000) as bar:
-        for i, x in enumerate(flat):
-            lp, *outputs = compiled.logp_and_outputs(x)
-            log_p[i] = lp
-            for name, out in zip(names, outputs, strict=True):
-                if name not in values:
-                    values[name] = np.empty((flat.shape[0], *np.shape(out)))
-                values[name][i] = out
-            if (i + 1) % 1000 == 0:
-                bar.update(advance=1000)
+
+    def store(rows: int | slice, lp: Any, outputs: Sequence[Any], *, batch: bool) -> None:
+        log_p[rows] = lp
+        for name, out in zip(names, outputs, strict=True):
+            if name not in values:
+                values[name] = np.empty((n_draws, *np.shape(out)[1 if batch else 0 :]))
+            values[name][rows] = out
+
+    def one_at_a_time(rows: Sequence[int]) -> None:
+        for i in rows:
+            lp, *outputs = compiled.logp_and_outputs(flat[i])
+            store(int(i), lp, outputs, batch=False)
+
+    step = DRAWS_PER_BATCH if batched is not None else 1000
+    with progress_bar("Draws", n_draws, enabled=progressbar and n_draws >= 20_000) as bar:
+        for begin in range(0, n_draws, step):
+            rows = range(begin, min(begin + step, n_draws))
+            try:
+                results = batched(flat[begin : rows.stop]) if batched is not None else None
+            except Exception:  # evaluated again one at a time: the same error as without batching, or none
+                results = None
+            if results is None:
+                one_at_a_time(rows)
+            else:
+                lp, *outputs = results
+                store(slice(begin, rows.stop), lp, outputs, batch=True)
+                one_at_a_time(begin + np.flatnonzero(~np.isfinite(log_p[begin : rows.stop])))
+            bar.update(advance=len(rows))
     return {n: v.reshape(lead + v.shape[1:]) for n, v in values.items()}, log_p.reshape(lead)

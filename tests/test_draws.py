@@ -1,0 +1,89 @@
+"""Draws of fit_laplace: evaluated in batches or one at a time to the same values, in the layout's order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pymc as pm
+import pytest
+
+from pymc_laplace import fit_laplace
+from pymc_laplace._compat import get_group
+from pymc_laplace.compile import PosteriorVariable
+from pymc_laplace.laplace import DRAWS_PER_BATCH, evaluate_draws
+
+
+def point_function(x: np.ndarray) -> list[Any]:
+    """A log density with a support check (``x[0] < 3``) and two outputs: a vector and a scalar."""
+    logp = -0.5 * float(x @ x) if x[0] < 3.0 else -np.inf
+    return [logp, np.exp(x), x[0] - x[1]]
+
+
+def batch_function(xs: np.ndarray) -> list[Any]:
+    """As a vectorised graph evaluates the check: one condition over the whole batch."""
+    logp = -0.5 * np.einsum("ij,ij->i", xs, xs)
+    if np.any(xs[:, 0] >= 3.0):
+        logp = np.full(xs.shape[0], -np.inf)
+    return [logp, np.exp(xs), xs[:, 0] - xs[:, 1]]
+
+
+def raising_batch(xs: np.ndarray) -> list[Any]:
+    raise RuntimeError("this batch cannot be evaluated")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    logp_and_outputs: Any
+    logp_and_outputs_batched: Any = None
+    posterior_variables: tuple[PosteriorVariable, ...] = (PosteriorVariable("v", None), PosteriorVariable("d", None))
+
+
+@pytest.fixture(scope="module")
+def points() -> np.ndarray:
+    """(chain, draw, 2) points, two of them outside the support, more draws than one batch holds."""
+    x = np.random.default_rng(0).normal(size=(3, DRAWS_PER_BATCH, 2))
+    x[0, 5, 0] = x[2, 7, 0] = 4.0
+    return x
+
+
+@pytest.mark.parametrize("batched", [batch_function, raising_batch], ids=["batched", "raising"])
+def test_batches_give_the_values_of_single_draws(points, batched):
+    expected, expected_logp = evaluate_draws(Compiled(point_function), points, progressbar=False)
+    assert np.isneginf(expected_logp).sum() == 2
+    values, logp = evaluate_draws(Compiled(point_function, batched), points, progressbar=False)
+    np.testing.assert_allclose(logp, expected_logp, rtol=1e-14)
+    assert values.keys() == expected.keys()
+    assert values["v"].shape == (3, DRAWS_PER_BATCH, 2) and values["d"].shape == (3, DRAWS_PER_BATCH)
+    for name in values:
+        np.testing.assert_allclose(values[name], expected[name], rtol=1e-14)
+
+
+def test_an_error_of_a_draw_is_raised_as_without_batches(points):
+    def failing_point(x: np.ndarray) -> list[Any]:
+        if x[0] >= 3.0:
+            raise ValueError("a Deterministic's assertion fails here")
+        return point_function(x)
+
+    with pytest.raises(ValueError, match="assertion fails"):
+        evaluate_draws(Compiled(failing_point, raising_batch), points, progressbar=False)
+
+
+def test_vars_in_any_order_give_the_same_fit(bioassay_data):
+    """``vars`` listed against the model's order: the draws of each variable stay under its own name."""
+    with pm.Model() as model:
+        alpha = pm.Normal("alpha", 0.0, 5.0)
+        beta = pm.Normal("beta", 10.0, 10.0)
+        pm.Binomial("y", n=bioassay_data["n"], logit_p=alpha + beta * bioassay_data["x"], observed=bioassay_data["y"])
+    fits = [
+        fit_laplace(model, vars=names, draws=200, chains=2, random_seed=4, progressbar=False)
+        for names in (["alpha", "beta"], ["beta", "alpha"])
+    ]
+    in_order, reversed_order = (get_group(fit, "posterior") for fit in fits)
+    for name in ("alpha", "beta"):
+        np.testing.assert_array_equal(reversed_order[name].values, in_order[name].values)
+    fit_in_order, fit_reversed = (get_group(fit, "fit") for fit in fits)
+    assert list(fit_reversed["rows"].values) == ["alpha", "beta"]
+    np.testing.assert_array_equal(fit_reversed["mean_vector"].values, fit_in_order["mean_vector"].values)
+    assert float(in_order["beta"].mean()) > 3.0 > float(in_order["alpha"].mean())  # beta's mode is near 8
