@@ -522,7 +522,8 @@ def fit_integrated_laplace(
             theta_draws[i] = outer.theta + complement @ reduced_draws[i]
         for attempt in range(int(first_failure is not None), MAX_REDRAWS + 1):
             try:
-                sol = laplace.solve_inner(theta_draws[i])
+                # started from the linear prediction of the mode: most draws then need one or two Newton steps
+                sol = laplace.solve_inner(theta_draws[i], start=solution.b + jac @ (theta_draws[i] - outer.theta))
                 break
             except InnerSolveError as err:
                 if attempt == MAX_REDRAWS:

@@ -176,13 +176,15 @@ class LaplaceMarginal:
         return layout.join(point)
 
     # -- vector interface
-    def solve_inner(self, theta: np.ndarray) -> InnerSolution:
-        """The conditional mode of the random effects at ``theta`` (warm-started from the last solution)."""
+    def solve_inner(self, theta: np.ndarray, start: np.ndarray | None = None) -> InnerSolution:
+        """The conditional mode of the random effects at ``theta``, started from ``start`` (default: the last
+        solution)."""
         theta = np.asarray(theta, dtype=float)
         self.check_data()
         if self._last is not None and np.array_equal(self._last.theta, theta):
             return self._last
-        solution = self._newton(theta, self._warm_start.copy())
+        first = self._warm_start if start is None else np.asarray(start, dtype=float)
+        solution = self._newton(theta, first.copy())
         self._warm_start = solution.b.copy()
         self._last = solution
         return solution
