@@ -15,6 +15,8 @@ from enum import Enum
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
 
 ValueGradHess = Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray]]
 
@@ -237,12 +239,41 @@ def _increase(mu: float, hessian: np.ndarray) -> float:
     return max(10.0 * mu, 1e-8 * scale, 1e-12)
 
 
+# A negative Hessian of at least this size whose nonzero entries are at most this fraction is factorised as a
+# sparse matrix: in a hierarchical model the group effects are coupled only through a few parameters, and a
+# Newton step costs milliseconds instead of a dense Cholesky's n^3 / 3 flops (0.1 to 1 s at n = 2,000).
+_SPARSE_MIN_SIZE = 300
+_SPARSE_MAX_DENSITY = 0.05
+
+
 def _damped_newton_step(neg_hessian: np.ndarray, grad: np.ndarray, mu: float) -> np.ndarray | None:
     """Solve ``(neg_hessian + mu I) p = grad``; None when the matrix is not positive definite."""
-    a = neg_hessian + mu * np.eye(grad.size) if mu else neg_hessian
+    n = grad.size
+    if n >= _SPARSE_MIN_SIZE and np.count_nonzero(neg_hessian) <= _SPARSE_MAX_DENSITY * n * n:
+        return _sparse_damped_newton_step(neg_hessian, grad, mu)
+    a = neg_hessian + mu * np.eye(n) if mu else neg_hessian
     try:
         factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
         return None
     p = scipy.linalg.cho_solve(factor, grad, check_finite=False)
+    return p if np.all(np.isfinite(p)) else None
+
+
+def _sparse_damped_newton_step(neg_hessian: np.ndarray, grad: np.ndarray, mu: float) -> np.ndarray | None:
+    """:func:`_damped_newton_step` by a sparse ``L D L^T``: SuperLU with a symmetric fill-reducing ordering and
+    diagonal pivots only, so that the matrix is positive definite exactly when every pivot is positive."""
+    a = scipy.sparse.csc_matrix(neg_hessian)
+    if mu:
+        a = scipy.sparse.csc_matrix(a + mu * scipy.sparse.eye(grad.size, format="csc"))
+    try:
+        lu = scipy.sparse.linalg.splu(
+            a, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True}
+        )
+    except RuntimeError:  # an exactly zero pivot
+        return None
+    # an off-diagonal pivot (a zero on the diagonal) or a pivot <= 0: not positive definite
+    if not np.array_equal(lu.perm_r, lu.perm_c) or not np.all(lu.U.diagonal() > 0):
+        return None
+    p = lu.solve(grad)
     return p if np.all(np.isfinite(p)) else None
