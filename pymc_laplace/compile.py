@@ -889,8 +889,9 @@ def _split_functions(
             [*data, b, theta, compressed_inverse, directions], [grad_theta, dphi_db, dphi_dtheta], kwargs
         ),
         "mixed_product": _LazyFunction([*data, b, theta, w], mixed, kwargs),
-        "cross_product": _LazyFunction([*data, b, theta, v], cross_row, rarely),
-        "likelihood": _LazyFunction([*data, b, theta], [loglik, loglik_grad], rarely),
+        # data-sized graphs: FAST_COMPILE would run their elementwise ops in Python, element by element
+        "cross_product": _LazyFunction([*data, b, theta, v], cross_row, kwargs),
+        "likelihood": _LazyFunction([*data, b, theta], [loglik, loglik_grad], kwargs),
         "prior": _LazyFunction([*data, theta], [prior, prior_grad], kwargs),
         "natural": _LazyFunction([*data, theta], [natural, natural_jacobian], rarely),
     }

@@ -613,6 +613,8 @@ def star_color(pattern: sp.spmatrix) -> np.ndarray:
     adjacency.eliminate_zeros()
     indptr, indices = adjacency.indptr, adjacency.indices
     degree = np.diff(indptr)
+    if adjacency.nnz == 0:  # a diagonal pattern: one colour
+        return np.zeros(n, dtype=np.int64)
     colors = np.full(n, -1, dtype=np.int64)
     max_colors = int(degree.max(initial=0)) ** 2 + 2 if n else 1
     # counts[x, a]: coloured neighbours of x with colour a (grown as colours are opened)
