@@ -190,7 +190,11 @@ def find_mode(compiled: CompiledJoint, optimizer: NewtonOptimizer, *, progressba
         # a rejected trial point needs only the log density: one forward pass instead of the n products of the
         # Hessian
         result = optimizer.maximize(
-            compiled.value_grad_hess, start, callback=report, value=lambda x: compiled.logp_and_outputs(x)[0]
+            compiled.value_grad_hess,
+            start,
+            callback=report,
+            value=lambda x: compiled.logp_and_outputs(x)[0],
+            start_value=(f0, g0, h0),
         )
     if result.success:
         return result

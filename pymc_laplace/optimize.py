@@ -125,16 +125,17 @@ class NewtonOptimizer:
         x0: np.ndarray,
         callback: Callable[[int, float, float], None] | None = None,
         value: Callable[[np.ndarray], float] | None = None,
+        start_value: tuple[float, np.ndarray, np.ndarray] | None = None,
     ) -> OptimizerResult:
         """Maximise from ``x0``. ``callback(step, logp, grad_norm)`` is called after every accepted step.
 
         ``value``, the log density alone, screens trial points when it is much cheaper than the Hessian: a trial
         whose log density is clearly below the current one is rejected without its derivatives. The steps taken
-        are the same with or without it.
+        are the same with or without it. ``start_value``: ``value_grad_hess(x0)`` when the caller has it already.
         """
         start = time.perf_counter()
         x = np.array(x0, dtype=float)
-        f, g, h = value_grad_hess(x)
+        f, g, h = value_grad_hess(x) if start_value is None else start_value
         n_eval, mu = 1, 0.0
         status = NewtonStatus.MAX_STEPS
         step = 0
