@@ -8,11 +8,25 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 lines=("default:python3")
-if command -v pyenv >/dev/null 2>&1 && pyenv versions --bare 2>/dev/null | grep -qx '3\.12\.[0-9]*'; then
-  v312=$(pyenv versions --bare | grep -x '3\.12\.[0-9]*' | sort -V | tail -n 1)
-  lines+=("py312:env PYENV_VERSION=$v312 python3.12")
-elif command -v python3.12 >/dev/null 2>&1; then
-  lines+=("py312:python3.12")
+# Python 3.12: pyenv's own interpreter when pyenv's tree is there (its shims alone do not select a version; the
+# `pyenv` command may be off the PATH while they are on it), else any python3.12 that runs.
+py312=""
+roots="${PYENV_ROOT:-} $HOME/.pyenv"
+shim=$(command -v python3.12 2>/dev/null || true)
+case "$shim" in */shims/python3.12) roots="$roots ${shim%/shims/python3.12}" ;; esac
+interpreters=""
+for root in $roots; do
+  interpreters="$interpreters $(ls -d "$root"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V -r | tr '\n' ' ')"
+done
+for candidate in $interpreters python3.12; do
+  if "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1; then
+    py312=$candidate; break
+  fi
+done
+if [ -n "$py312" ]; then
+  lines+=("py312:$py312")
+else
+  echo "(no Python 3.12 found: only the default line is tested)"
 fi
 
 status=0

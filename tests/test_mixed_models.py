@@ -13,7 +13,7 @@ import mixed_models  # examples/, put on the path by conftest
 import numpy as np
 import pytest
 
-from pymc_laplace import BoundaryFitWarning, fit_integrated_laplace, summary
+from pymc_laplace import BoundaryFitWarning, OuterOptimizer, fit_integrated_laplace, summary
 from pymc_laplace._compat import get_group
 
 REFERENCE = json.loads(mixed_models.REFERENCE.read_text())
@@ -75,7 +75,10 @@ def test_zero_inflation_without_an_interior_optimum_is_a_boundary_fit(mixed_marg
             model, random=random, draws=10, chains=1, progressbar=False, compiled_marginal=laplace
         )
     log_lik = float(get_group(result, "fit")["log_marginal_likelihood"])
-    assert log_lik >= REFERENCE["salamanders_zi"]["glmmTMB"]["logLik"] - 1e-6
+    # The supremum lies at gamma -> -inf, where the objective approaches its limit as c - a exp(gamma): the gradient
+    # along each flat direction equals the gain still to be had. Both fits stop where that gradient is below their
+    # tolerance, so each of the two directions (GP, DM) may leave up to gtol of log likelihood behind.
+    assert log_lik >= REFERENCE["salamanders_zi"]["glmmTMB"]["logLik"] - 2 * OuterOptimizer().gtol
     table = summary(result)
     natural = {label: row["estimate"] for label, row in table[table["scale"] == "natural"].iterrows()}
     ours, expected = _ours("salamanders_zi", natural), _reference("salamanders_zi")
