@@ -31,6 +31,7 @@ from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
+from pymc_laplace import function_cache
 from pymc_laplace.errors import ModelSpecificationError, StartPointError
 
 
@@ -550,21 +551,32 @@ def compile_joint(
     reuse_key = ("joint", derivatives, tuple(sorted(kwargs.items())) if key is not None else None)
     functions = _find_reusable(reuse_key, [logp_flat, *outputs_flat], [x, *data])
     if functions is None:
+        base = function_cache.graph_digest([x, *data], [logp_flat, *outputs_flat], "joint", sorted(kwargs.items()))
         batch = pt.matrix("unconstrained_batch")
         # pymc's compile turns parameter checks into -inf (a draw outside the support is not an error)
         functions = {
-            "logp_and_outputs": _LazyFunction([*data, x], [logp_flat, *outputs_flat], kwargs),
+            "logp_and_outputs": _LazyFunction(
+                [*data, x], [logp_flat, *outputs_flat], kwargs, _named_digest(base, "logp_and_outputs")
+            ),
             "batched": _LazyFunction(
-                [*data, batch], lambda: vectorize_graph([logp_flat, *outputs_flat], {x: batch}), kwargs
+                [*data, batch],
+                lambda: vectorize_graph([logp_flat, *outputs_flat], {x: batch}),
+                kwargs,
+                _named_digest(base, "batched"),
             ),
         }
         if derivatives:
             # The Hessian is assembled from exact Hessian-vector products (one reverse pass over the gradient per
             # column): a graph about twice the gradient's, which compiles far faster than a vectorised Jacobian.
-            grad = pt.grad(logp_flat, x)
             direction = pt.vector("direction")
-            hvp = pt.grad(pt.sum(grad * direction), x)
-            functions["value_grad_hvp"] = _LazyFunction([*data, x, direction], [logp_flat, grad, hvp], kwargs)
+
+            def value_grad_hvp() -> list[Variable]:
+                grad = pt.grad(logp_flat, x)
+                return [logp_flat, grad, pt.grad(pt.sum(grad * direction), x)]
+
+            functions["value_grad_hvp"] = _LazyFunction(
+                [*data, x, direction], value_grad_hvp, kwargs, _named_digest(base, "value_grad_hvp")
+            )
         _store_reusable(reuse_key, [logp_flat, *outputs_flat], [x, *data], functions)
     out_fn = _with_data(functions["logp_and_outputs"], shared)
 
@@ -847,69 +859,108 @@ def _split_functions(
     """Every function of :class:`CompiledSplit`, compiled on first use; the data are their first inputs.
 
     ``stacked_colors``: build one product graph per colour (that many), stacked, instead of one vectorised graph.
+    The derived graphs (products, third derivatives, batches) are built when the first function is compiled, and
+    not at all when every function used is loaded from disk.
     """
-    grad_b = pt.grad(joint_lp, b)
-    # One Hessian-vector product with the direction as an input, vectorised over a batch of directions: the graph
-    # is that of one product whatever the number of colours.
-    direction = pt.vector("direction")
-    directions = pt.matrix("directions")  # (K, n_b)
-    if stacked_colors is None:
-        hv = vectorize_graph(pt.grad(pt.sum(grad_b * direction), b), {direction: directions})
-    else:
-        hv = pt.stack([pt.grad(pt.sum(grad_b * directions[c]), b) for c in range(stacked_colors)])
-    compressed_inverse = pt.matrix("compressed_inverse")
-    phi = -pt.sum(compressed_inverse * hv)
-    grad_theta = pt.grad(joint_lp, theta, disconnected_inputs="ignore")
-    dphi_db, dphi_dtheta = pt.grad(phi, [b, theta], disconnected_inputs="ignore")
-    w = pt.vector("w")
-    mixed = pt.grad(pt.sum(w * grad_b), theta, disconnected_inputs="ignore")
-    # rows of d2l/(dtheta db) one at a time, d/db [v . dl/dtheta]: one reverse pass over the gradient in theta
-    v = pt.vector("v")
-    cross_row = pt.grad(pt.sum(v * grad_theta), b, disconnected_inputs="ignore")
-    prior_grad = pt.grad(prior, theta, disconnected_inputs="ignore")
-    loglik_grad = pt.grad(loglik, theta, disconnected_inputs="ignore")
-    natural_jacobian = pytensor.gradient.jacobian(natural, theta, vectorize=True, disconnected_inputs="ignore")
-    b_batch, theta_batch = pt.matrix("b_batch"), pt.matrix("theta_batch")
 
-    def batched(outputs: Any) -> Callable[[], Any]:
-        """The graphs vectorised over a batch of ``(b, theta)``, built when first compiled."""
-        return lambda: vectorize_graph(outputs, {b: b_batch, theta: theta_batch})
+    @functools.cache
+    def derived() -> dict[str, tuple[list[Variable], Any]]:
+        grad_b = pt.grad(joint_lp, b)
+        # One Hessian-vector product with the direction as an input, vectorised over a batch of directions: the
+        # graph is that of one product whatever the number of colours.
+        direction = pt.vector("direction")
+        directions = pt.matrix("directions")  # (K, n_b)
+        if stacked_colors is None:
+            hv = vectorize_graph(pt.grad(pt.sum(grad_b * direction), b), {direction: directions})
+        else:
+            hv = pt.stack([pt.grad(pt.sum(grad_b * directions[c]), b) for c in range(stacked_colors)])
+        compressed_inverse = pt.matrix("compressed_inverse")
+        phi = -pt.sum(compressed_inverse * hv)
+        grad_theta = pt.grad(joint_lp, theta, disconnected_inputs="ignore")
+        dphi_db, dphi_dtheta = pt.grad(phi, [b, theta], disconnected_inputs="ignore")
+        w = pt.vector("w")
+        mixed = pt.grad(pt.sum(w * grad_b), theta, disconnected_inputs="ignore")
+        # rows of d2l/(dtheta db) one at a time, d/db [v . dl/dtheta]: one reverse pass over the gradient in theta
+        v = pt.vector("v")
+        cross_row = pt.grad(pt.sum(v * grad_theta), b, disconnected_inputs="ignore")
+        prior_grad = pt.grad(prior, theta, disconnected_inputs="ignore")
+        loglik_grad = pt.grad(loglik, theta, disconnected_inputs="ignore")
+        natural_jacobian = pytensor.gradient.jacobian(natural, theta, vectorize=True, disconnected_inputs="ignore")
+        b_batch, theta_batch = pt.matrix("b_batch"), pt.matrix("theta_batch")
+
+        def batched(outputs: Any) -> Callable[[], Any]:
+            """The graphs vectorised over a batch of ``(b, theta)``, built when first compiled."""
+            return lambda: vectorize_graph(outputs, {b: b_batch, theta: theta_batch})
+
+        return {
+            "joint_value": ([*data, b, theta], joint_lp),
+            "joint_newton": ([*data, b, theta, directions], [joint_lp, grad_b, hv]),
+            "joint_value_batched": ([*data, b_batch, theta_batch], batched(joint_lp)),
+            "joint_newton_batched": ([*data, b_batch, theta_batch, directions], batched([joint_lp, grad_b, hv])),
+            "outer_terms": (
+                [*data, b, theta, compressed_inverse, directions],
+                [grad_theta, dphi_db, dphi_dtheta],
+            ),
+            "mixed_product": ([*data, b, theta, w], mixed),
+            "cross_product": ([*data, b, theta, v], cross_row),
+            "likelihood": ([*data, b, theta], [loglik, loglik_grad]),
+            "prior": ([*data, theta], [prior, prior_grad]),
+            "natural": ([*data, theta], [natural, natural_jacobian]),
+        }
 
     # A function called only a few times a fit is compiled with pytensor's FAST_COMPILE mode (few rewrites):
-    # optimising its graph would cost far more than it saves.
+    # optimising its graph would cost far more than it saves. Data-sized graphs (cross products, likelihood) are
+    # not among them: FAST_COMPILE would run their elementwise ops in Python, element by element.
     rarely = kwargs if "mode" in kwargs else {**kwargs, "mode": "FAST_COMPILE"}
+    base = function_cache.graph_digest(
+        [b, theta, *data], [joint_lp, prior, natural, loglik], "split", stacked_colors, sorted(kwargs.items())
+    )
+    names = (
+        "joint_value", "joint_newton", "joint_value_batched", "joint_newton_batched", "outer_terms",
+        "mixed_product", "cross_product", "likelihood", "prior", "natural",
+    )  # fmt: skip
     return {
-        "joint_value": _LazyFunction([*data, b, theta], joint_lp, kwargs),
-        "joint_newton": _LazyFunction([*data, b, theta, directions], [joint_lp, grad_b, hv], kwargs),
-        "joint_value_batched": _LazyFunction([*data, b_batch, theta_batch], batched(joint_lp), kwargs),
-        "joint_newton_batched": _LazyFunction(
-            [*data, b_batch, theta_batch, directions], batched([joint_lp, grad_b, hv]), kwargs
-        ),
-        "outer_terms": _LazyFunction(
-            [*data, b, theta, compressed_inverse, directions], [grad_theta, dphi_db, dphi_dtheta], kwargs
-        ),
-        "mixed_product": _LazyFunction([*data, b, theta, w], mixed, kwargs),
-        # data-sized graphs: FAST_COMPILE would run their elementwise ops in Python, element by element
-        "cross_product": _LazyFunction([*data, b, theta, v], cross_row, kwargs),
-        "likelihood": _LazyFunction([*data, b, theta], [loglik, loglik_grad], kwargs),
-        "prior": _LazyFunction([*data, theta], [prior, prior_grad], kwargs),
-        "natural": _LazyFunction([*data, theta], [natural, natural_jacobian], rarely),
+        name: _LazyFunction(
+            lambda name=name: derived()[name][0],
+            lambda name=name: _built(derived()[name][1]),
+            rarely if name == "natural" else kwargs,
+            _named_digest(base, name),
+        )
+        for name in names
     }
+
+
+def _built(outputs: Any) -> Any:
+    """Graphs given as they are, or built by calling them."""
+    return outputs() if callable(outputs) else outputs
+
+
+def _named_digest(base: str | None, name: str) -> str | None:
+    """The digest of one function derived from graphs of digest ``base``."""
+    return None if base is None else hashlib.sha256(f"{base}:{name}".encode()).hexdigest()
 
 
 class _LazyFunction:
     """A pytensor function compiled on first call (the third-derivative graphs are costly; a value-only use never
-    needs them). ``outputs`` may be a callable that builds the graphs then."""
+    needs them). ``inputs`` and ``outputs`` may be callables that build the graphs then.
 
-    def __init__(self, inputs: list[Variable], outputs: Any, options: dict[str, Any]) -> None:
-        self.inputs, self.outputs, self.options = inputs, outputs, options
+    ``digest``: a digest of the graphs these are derived from (see :mod:`pymc_laplace.function_cache`); the compiled
+    function is then loaded from disk when a previous process stored it, without building the graphs at all.
+    """
+
+    def __init__(self, inputs: Any, outputs: Any, options: dict[str, Any], digest: str | None = None) -> None:
+        self.inputs, self.outputs, self.options, self.digest = inputs, outputs, options, digest
         self.function: Callable | None = None
+
+    def _compile(self) -> Callable:
+        inputs = self.inputs() if callable(self.inputs) else self.inputs
+        graphs = self.outputs() if callable(self.outputs) else self.outputs
+        return compile_graph(inputs, graphs, **self.options)
 
     def __call__(self, *args: Any, **named: Any) -> Any:
         if self.function is None:
             with COMPILE_CLOCK:
-                graphs = self.outputs() if callable(self.outputs) else self.outputs
-                self.function = compile_graph(self.inputs, graphs, **self.options)
+                self.function = function_cache.load_or_compile(self.digest, self._compile)
         return self.function(*args, **named)
 
 
@@ -999,10 +1050,18 @@ def _store_reusable(
 _CACHE: weakref.WeakKeyDictionary[pm.Model, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 
 
-def clear_compile_cache() -> None:
-    """Forget every compiled model: the next fit of any model compiles again."""
+def clear_compile_cache(*, disk: bool = False) -> None:
+    """Forget every compiled model: the next fit of any model compiles again (or loads what is kept on disk).
+
+    Parameters
+    ----------
+    disk : bool
+        Also remove the compiled functions kept on disk for later processes (see ``PYMC_LAPLACE_CACHE_DIR``).
+    """
     _CACHE.clear()
     _REUSABLE.clear()
+    if disk:
+        function_cache.clear_disk_cache()
 
 
 def _cache_key(

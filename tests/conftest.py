@@ -11,6 +11,23 @@ import pytest
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_function_cache(tmp_path_factory):
+    """Compiled functions kept on disk go to a directory of this session: what earlier runs kept is not loaded, so
+    each test compiles what it counts on compiling."""
+    import os
+
+    directory = tmp_path_factory.mktemp("compiled-functions")
+    previous = os.environ.get("PYMC_LAPLACE_CACHE_DIR")
+    os.environ["PYMC_LAPLACE_CACHE_DIR"] = str(directory)
+    yield directory
+    if previous is None:
+        os.environ.pop("PYMC_LAPLACE_CACHE_DIR", None)
+    else:
+        os.environ["PYMC_LAPLACE_CACHE_DIR"] = previous
+
+
 ROOT = Path(__file__).resolve().parents[1]
 # the data the tests read ship with the repository: examples/data (also used by the examples) and tests/data
 DATA_DIRS = (ROOT / "examples" / "data", ROOT / "tests" / "data")

@@ -1,0 +1,218 @@
+"""Compiled pytensor functions kept on disk, so that a second process fits a model without compiling it again.
+
+pytensor keeps the C code of each op on disk, but every process still builds the derivative graphs and runs the
+graph rewrites, which is most of the time a first fit takes. Here a compiled function is pickled once, under a
+digest of the graphs it was built from, and a later process with the same graphs loads it (unpickling links the
+cached C modules; nothing is rewritten).
+
+The digest is structural: every op (by its pickled state), every constant (by its bytes), every input (by its
+type and position) and the wiring between them, plus the versions of everything that turns those graphs into
+compiled code (this package's graph building, pytensor, numpy, Python, pytensor's configuration). Two graphs
+with the same digest compute the same thing; a graph that cannot be digested (an op that does not pickle, an
+input that is neither listed nor constant) is compiled as usual and not stored.
+
+The directory is ``$PYMC_LAPLACE_CACHE_DIR``, by default ``pymc_laplace/`` inside pytensor's ``compiledir``;
+setting ``PYMC_LAPLACE_CACHE_DIR`` to an empty string turns the disk cache off.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import hashlib
+import io
+import os
+import pickle
+import platform
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytensor
+from pytensor.graph.basic import Constant, Variable
+from pytensor.graph.traversal import io_toposort
+
+# At most this many compiled functions are kept; the least recently used go first.
+MAX_FILES = 512
+SUFFIX = ".pytensor-function.pkl"
+
+
+def cache_directory() -> Path | None:
+    """Where compiled functions are kept, or None when the disk cache is turned off."""
+    configured = os.environ.get("PYMC_LAPLACE_CACHE_DIR")
+    if configured is not None:
+        return Path(configured).expanduser() if configured.strip() else None
+    return Path(pytensor.config.compiledir) / "pymc_laplace"
+
+
+def _is_local_function(value: Any) -> bool:
+    return callable(value) and "<locals>" in getattr(value, "__qualname__", "")
+
+
+def _without_local_functions(state: dict[str, Any]) -> dict[str, Any] | None:
+    """``state`` without the caches of closures that pytensor objects keep (None when there are none).
+
+    pytensor caches closures on its objects: gradient builders of an ``OpFromGraph`` (``_lop_op_cache``,
+    ``_rop_op_cache``), the vectorised perform of a ``Blockwise`` node (``node.tag.gufunc``). They do not pickle, and
+    are rebuilt when needed (the perform when the function is linked again on loading).
+    """
+    kept, changed = {}, False
+    for key, value in state.items():
+        if _is_local_function(value):
+            changed = True
+            if key.endswith("_cache"):
+                kept[key] = None
+        elif isinstance(value, dict) and value and all(_is_local_function(v) for v in value.values()):
+            kept[key], changed = {}, True
+        else:
+            kept[key] = value
+    return kept if changed else None
+
+
+class _Pickler(pickle.Pickler):
+    """A pickler that leaves out the closures pytensor objects cache (see :func:`_without_local_functions`)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if (
+            not cls.__module__.startswith("pytensor")
+            or isinstance(obj, type)
+            or cls.__reduce_ex__ is not object.__reduce_ex__
+            or cls.__reduce__ is not object.__reduce__
+            or not hasattr(obj, "__dict__")
+            or "__reduce_ex__" in vars(obj)  # pickled its own way (frozen graph outputs in pytensor 3)
+            or "__reduce__" in vars(obj)
+        ):
+            return NotImplemented
+        state = obj.__getstate__() if hasattr(obj, "__getstate__") else obj.__dict__
+        if not isinstance(state, dict):
+            return NotImplemented
+        kept = _without_local_functions(state)
+        if "Scratchpad" in cls.__name__ and "trace" in state:
+            # the stack where each variable was created (for error messages): 95% of a pickled function's size
+            kept = {key: value for key, value in (state if kept is None else kept).items() if key != "trace"}
+        # created first and given its state after, as pickle does by default: references back to it resolve
+        return NotImplemented if kept is None else (copyreg.__newobj__, (cls,), kept)
+
+
+def dumps(obj: Any) -> bytes:
+    """``pickle.dumps`` without the closures pytensor caches on its objects."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _environment() -> bytes:
+    """Everything besides the graphs that decides what compiling them gives."""
+    import pymc_laplace.compile as graph_building
+
+    config = pytensor.config
+    parts = [
+        hashlib.sha256(Path(graph_building.__file__).read_bytes()).hexdigest(),  # how derived graphs are built
+        hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        pytensor.__version__,
+        np.__version__,
+        sys.version,
+        platform.machine(),
+        *(str(getattr(config, name, "")) for name in ("floatX", "mode", "linker", "optimizer", "cxx", "gcc__cxxflags")),
+    ]
+    return "\n".join(parts).encode()
+
+
+def graph_digest(inputs: Sequence[Variable], outputs: Sequence[Variable], *extra: Any) -> str | None:
+    """A digest of the graphs from ``inputs`` to ``outputs`` (and of ``extra``, plain values), or None.
+
+    None when the graphs have an input that is neither in ``inputs`` nor a constant, or an op or constant that does
+    not pickle: such graphs are not kept on disk.
+    """
+    digest = hashlib.sha256(_environment())
+    try:
+        digest.update(dumps(extra))
+        index: dict[Variable, int] = {}
+        for position, var in enumerate(inputs):
+            index[var] = position
+            digest.update(f"input {position}: {var.type}\n".encode())
+        for node in io_toposort(list(inputs), list(outputs)):
+            for var in node.inputs:
+                if var in index:
+                    continue
+                if not isinstance(var, Constant):
+                    return None
+                index[var] = len(index)
+                digest.update(f"constant {index[var]}: {var.type}\n".encode())
+                data = var.data
+                if isinstance(data, np.ndarray | np.generic):
+                    array = np.ascontiguousarray(data)
+                    digest.update(f"{array.dtype.str} {array.shape}\n".encode())
+                    digest.update(array.tobytes())
+                else:
+                    digest.update(dumps(data))
+            digest.update(dumps(node.op))
+            digest.update(repr([index[var] for var in node.inputs]).encode())
+            for var in node.outputs:
+                index[var] = len(index)
+                digest.update(f" -> {index[var]}: {var.type}\n".encode())
+        for var in outputs:
+            if var not in index:  # an output that is an input or a constant
+                if not isinstance(var, Constant):
+                    return None
+                index[var] = len(index)
+                digest.update(dumps(var.data))
+            digest.update(f"output {index[var]}\n".encode())
+    except Exception:  # an op or a constant that does not pickle: not kept on disk
+        return None
+    return digest.hexdigest()
+
+
+def load_or_compile(digest: str | None, compile_function: Callable[[], Any]) -> Any:
+    """The function stored under ``digest``, or ``compile_function()``, stored there for the next process."""
+    directory = cache_directory()
+    if digest is None or directory is None:
+        return compile_function()
+    path = directory / f"{digest}{SUFFIX}"
+    if path.exists():
+        try:
+            with open(path, "rb") as handle:
+                function = pickle.load(handle)
+            os.utime(path)  # recently used
+            return function
+        except Exception:  # written by an interrupted process or for other libraries: compile again
+            path.unlink(missing_ok=True)
+    function = compile_function()
+    _store(directory, path, function)
+    return function
+
+
+def _store(directory: Path, path: Path, function: Any) -> None:
+    try:
+        payload = dumps(function)
+    except Exception:  # a function that does not pickle (some backends' compiled code) is simply not kept
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # written under another name and renamed: a concurrent reader sees the whole file or none
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".partial", delete=False) as handle:
+            handle.write(payload)
+        os.replace(handle.name, path)
+        kept = sorted(directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        for old in kept[:-MAX_FILES]:
+            old.unlink(missing_ok=True)
+    except OSError as err:  # a read-only or full disk costs the next process time, not this one its fit
+        warnings.warn(f"compiled function not kept on disk ({err}); set PYMC_LAPLACE_CACHE_DIR", stacklevel=3)
+
+
+def clear_disk_cache() -> int:
+    """Remove every compiled function kept on disk; returns how many were removed."""
+    directory = cache_directory()
+    if directory is None or not directory.exists():
+        return 0
+    removed = 0
+    for path in directory.glob(f"*{SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

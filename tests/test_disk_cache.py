@@ -1,0 +1,151 @@
+"""Compiled functions kept on disk: a later process (here: a cleared in-memory cache) loads them instead of compiling,
+keyed on the graphs themselves, so a different graph is never served a function compiled for another."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pymc as pm
+import pytensor
+import pytensor.tensor as pt
+import pytest
+
+import pymc_laplace.compile
+from pymc_laplace import clear_compile_cache, fit_integrated_laplace
+from pymc_laplace._compat import get_group
+from pymc_laplace.function_cache import SUFFIX, graph_digest
+
+
+@pytest.fixture
+def compile_count(monkeypatch):
+    calls = []
+    original = pymc_laplace.compile.compile_graph
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pymc_laplace.compile, "compile_graph", counted)
+    return calls
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "functions"
+    monkeypatch.setenv("PYMC_LAPLACE_CACHE_DIR", str(directory))
+    clear_compile_cache()
+    yield directory
+    clear_compile_cache()
+
+
+def small_graph(constant: np.ndarray, op=pt.exp):
+    x = pt.vector("x")
+    shared = pytensor.shared(np.ones(3), name="s")
+    return x, shared, op(x * constant) + pt.log1p(pt.sum(x))
+
+
+def test_graph_digest_is_structural():
+    x1, _, out1 = small_graph(np.arange(3.0))
+    x2, _, out2 = small_graph(np.arange(3.0))
+    assert graph_digest([x1], [out1]) == graph_digest([x2], [out2])  # built twice: same digest
+    x3, _, out3 = small_graph(np.arange(3.0) + 1e-12)
+    assert graph_digest([x3], [out3]) != graph_digest([x1], [out1])  # another constant
+    x4, _, out4 = small_graph(np.arange(3.0), op=pt.sin)
+    assert graph_digest([x4], [out4]) != graph_digest([x1], [out1])  # another op
+    assert graph_digest([x1], [out1], "a") != graph_digest([x1], [out1], "b")  # other options
+    y = pt.vector("y")
+    assert graph_digest([x1, y], [out1]) != graph_digest([y, x1], [out1])  # inputs in another order
+    x5, shared, _ = small_graph(np.arange(3.0))
+    assert graph_digest([x5], [x5 * shared]) is None  # an input that is neither listed nor constant
+
+
+def test_digest_is_the_same_in_another_process():
+    """Ops are digested by their pickled state: nothing in it may depend on the process (string hashing, ids)."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, pymc as pm
+        from pymc.pytensorf import join_nonshared_inputs
+        from pymc_laplace.function_cache import graph_digest
+        with pm.Model() as model:
+            sd = pm.HalfNormal("sd", 2.0)
+            u = pm.Normal("u", 0.0, sd, shape=4)
+            pm.Poisson("y", pm.math.exp(u[np.array([0, 1, 2, 3, 3])]), observed=[1, 0, 2, 5, 4])
+        point = model.initial_point()
+        [logp], x = join_nonshared_inputs(point, [model.logp()], model.value_vars)
+        print(graph_digest([x], [logp], "options"))
+        """
+    )
+    digests = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        digests.add(run.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1 and len(next(iter(digests))) == 64
+
+
+def grouped_model(y: np.ndarray, group: np.ndarray) -> pm.Model:
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0.0, 10.0)
+        sd = pm.HalfNormal("sd", 5.0)
+        u = pm.Normal("u", 0.0, sd, shape=int(group.max()) + 1)
+        pm.Poisson("y", pm.math.exp(mu + u[group]), observed=y)
+    return model
+
+
+def fit(model: pm.Model):
+    return fit_integrated_laplace(model, random=["u"], progressbar=False, random_seed=5, draws=30, chains=2)
+
+
+def test_a_new_process_loads_what_an_earlier_one_compiled(cache_dir, compile_count):
+    group = np.repeat(np.arange(6), 4)
+    y = np.random.default_rng(2).poisson(np.exp(0.5 + np.repeat(np.random.default_rng(3).normal(size=6), 4)))
+    first = fit(grouped_model(y, group))
+    compiled = len(compile_count)
+    kept = sorted(cache_dir.glob(f"*{SUFFIX}"))
+    assert compiled > 0 and len(kept) == compiled
+
+    clear_compile_cache()  # what a new process starts with: nothing in memory
+    again = fit(grouped_model(y, group))
+    assert len(compile_count) == compiled  # everything loaded from disk
+    for name in ("mean_vector", "random_effects", "log_marginal_likelihood"):
+        np.testing.assert_array_equal(get_group(again, "fit")[name], get_group(first, "fit")[name])
+    np.testing.assert_array_equal(get_group(again, "posterior")["u"], get_group(first, "posterior")["u"])
+
+    # other data passed as constants: another graph, compiled for itself
+    clear_compile_cache()
+    other = fit(grouped_model(y + 1, group))
+    assert len(compile_count) > compiled
+    assert get_group(other, "fit")["log_marginal_likelihood"] != get_group(first, "fit")["log_marginal_likelihood"]
+
+
+def test_an_unreadable_file_is_compiled_again(cache_dir, compile_count):
+    group = np.repeat(np.arange(4), 3)
+    y = np.repeat([0, 2, 4, 9], 3) + np.tile([0, 1, 0], 4)
+    first = fit(grouped_model(y, group))
+    compiled = len(compile_count)
+    for path in cache_dir.glob(f"*{SUFFIX}"):
+        path.write_bytes(b"not a pickle")
+    clear_compile_cache()
+    again = fit(grouped_model(y, group))
+    assert len(compile_count) == 2 * compiled
+    np.testing.assert_array_equal(get_group(again, "fit")["mean_vector"], get_group(first, "fit")["mean_vector"])
+    clear_compile_cache()
+    fit(grouped_model(y, group))  # rewritten whole: loaded this time
+    assert len(compile_count) == 2 * compiled
+
+
+def test_an_empty_cache_dir_turns_the_disk_cache_off(tmp_path, monkeypatch, compile_count):
+    monkeypatch.setenv("PYMC_LAPLACE_CACHE_DIR", "")
+    clear_compile_cache()
+    group = np.repeat(np.arange(4), 3)
+    fit(grouped_model(np.repeat([1, 3, 0, 7], 3), group))
+    compiled = len(compile_count)
+    clear_compile_cache()
+    fit(grouped_model(np.repeat([1, 3, 0, 7], 3), group))
+    assert len(compile_count) == 2 * compiled
+    clear_compile_cache()
