@@ -15,6 +15,7 @@ never from a dense inverse.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -170,6 +171,8 @@ def takahashi_inverse(lower: sp.csc_matrix) -> sp.csc_matrix:
     Column ``j`` from the last to the first, with ``s`` the rows below the diagonal of column ``j``:
     ``Z[s, j] = -Z[s, s] @ L[s, j] / L[j, j]`` and ``Z[j, j] = 1 / L[j, j]^2 - L[s, j] @ Z[s, j] / L[j, j]``.
     ``Z[s, s]`` lies inside the pattern of ``L`` (the filled graph is chordal), so only those entries are needed.
+    Where each ``Z[s, s]`` sits in the factor's entries depends on its pattern alone: it is worked out once per
+    pattern (:func:`_takahashi_plan`) and reused by every factor of that pattern.
     """
     lower = sp.csc_matrix(lower)
     lower.sort_indices()
@@ -177,29 +180,68 @@ def takahashi_inverse(lower: sp.csc_matrix) -> sp.csc_matrix:
     n = lower.shape[0]
     if np.any(indices[indptr[:-1]] != np.arange(n)):
         raise ValueError("the factor must hold its diagonal as the first entry of every column")
+    plan = _takahashi_plan(indptr, indices)
+    if plan is None:  # too large to keep: worked out column by column as needed
+        plan = _LazyPlan(indptr, indices)
     z = np.zeros_like(data)
     for j in range(n - 1, -1, -1):
         start, stop = indptr[j], indptr[j + 1]
-        rows = indices[start + 1 : stop]
-        l_col = data[start + 1 : stop]
         l_jj = data[start]
-        if rows.size == 0:
+        if stop - start == 1:
             z[start] = 1.0 / l_jj**2
             continue
-        sub = np.empty((rows.size, rows.size))
-        for a, c in enumerate(rows):
-            col_start, col_stop = indptr[c], indptr[c + 1]
-            col_rows = indices[col_start:col_stop]
-            pos = np.searchsorted(col_rows, rows[a:])
-            if np.any(pos >= col_rows.size) or np.any(col_rows[np.minimum(pos, col_rows.size - 1)] != rows[a:]):
-                raise ValueError("the factor's pattern is not closed under elimination (a symbolic entry is missing)")
-            vals = z[col_start + pos]
-            sub[a, a:] = vals
-            sub[a:, a] = vals
-        z_col = -(sub @ l_col) / l_jj
+        l_col = data[start + 1 : stop]
+        z_col = -(z[plan[j]] @ l_col) / l_jj
         z[start + 1 : stop] = z_col
         z[start] = 1.0 / l_jj**2 - float(l_col @ z_col) / l_jj
     return sp.csc_matrix((z, indices.copy(), indptr.copy()), shape=lower.shape)
+
+
+# Plans of the factor patterns met last (a fit factors matrices of one pattern many times), and the largest plan
+# kept (positions, 8 bytes each); a larger one is worked out column by column on every use.
+_PLANS: dict[tuple, list[np.ndarray | None]] = {}
+MAX_PLANS = 4
+MAX_PLAN_ENTRIES = 20_000_000
+
+
+def _takahashi_plan(indptr: np.ndarray, indices: np.ndarray) -> list[np.ndarray | None] | None:
+    """For each column ``j`` of a lower factor, the positions in its entries of ``Z[s, s]`` (symmetric, (m, m)), ``s``
+    the rows below ``j``'s diagonal (None for a column with none); None when the plan is too large to keep."""
+    below = np.diff(indptr) - 1
+    if int(np.sum(below.astype(np.int64) ** 2)) > MAX_PLAN_ENTRIES:
+        return None
+    key = (indptr.size, hashlib.sha256(indptr.tobytes()).digest(), hashlib.sha256(indices.tobytes()).digest())
+    if key not in _PLANS:
+        _PLANS[key] = [_column_positions(indptr, indices, j) for j in range(indptr.size - 1)]
+        while len(_PLANS) > MAX_PLANS:
+            del _PLANS[next(iter(_PLANS))]
+    return _PLANS[key]
+
+
+class _LazyPlan:
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray) -> None:
+        self.indptr, self.indices = indptr, indices
+
+    def __getitem__(self, j: int) -> np.ndarray | None:
+        return _column_positions(self.indptr, self.indices, j)
+
+
+def _column_positions(indptr: np.ndarray, indices: np.ndarray, j: int) -> np.ndarray | None:
+    """Positions of ``Z[s, s]`` in the factor's entries for column ``j``; raises when one is missing (a pattern not
+    closed under elimination)."""
+    rows = indices[indptr[j] + 1 : indptr[j + 1]]
+    if rows.size == 0:
+        return None
+    where = np.empty((rows.size, rows.size), dtype=np.int64)
+    for a, c in enumerate(rows):
+        col_start, col_stop = indptr[c], indptr[c + 1]
+        col_rows = indices[col_start:col_stop]
+        pos = np.searchsorted(col_rows, rows[a:])
+        if np.any(pos >= col_rows.size) or np.any(col_rows[np.minimum(pos, col_rows.size - 1)] != rows[a:]):
+            raise ValueError("the factor's pattern is not closed under elimination (a symbolic entry is missing)")
+        where[a, a:] = col_start + pos
+        where[a:, a] = col_start + pos
+    return where
 
 
 def factor_sparse_matrix(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:

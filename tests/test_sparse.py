@@ -119,6 +119,28 @@ def test_takahashi_needs_a_closed_pattern_with_the_diagonal():
         takahashi_inverse(missing_diagonal)
 
 
+@pytest.mark.parametrize("keep_plan", [True, False])
+def test_takahashi_on_a_banded_factor_equals_the_dense_inverse(monkeypatch, keep_plan):
+    """A banded factor (closed pattern with zeros outside the band), factored twice with other values: the plan of
+    positions worked out for the first pattern serves the second, and the column-by-column path gives the same."""
+    import pymc_laplace.sparse
+
+    if not keep_plan:
+        monkeypatch.setattr(pymc_laplace.sparse, "MAX_PLAN_ENTRIES", 0)
+    rng = np.random.default_rng(8)
+    n, band = 60, 4
+    for _ in range(2):
+        a = rng.normal(size=(n, n)) * (np.abs(np.subtract.outer(np.arange(n), np.arange(n))) <= band)
+        q = a @ a.T + 2.0 * band * np.eye(n)  # bandwidth 2 * band: its Cholesky factor keeps that band
+        lower = np.linalg.cholesky(q)
+        inside = np.tril(np.abs(np.subtract.outer(np.arange(n), np.arange(n))) <= 2 * band)
+        rows, cols = np.nonzero(inside)
+        factor = sp.csc_matrix((lower[rows, cols], (rows, cols)), shape=(n, n))
+        inverse = takahashi_inverse(factor).toarray()
+        expected = np.linalg.inv(q)
+        np.testing.assert_allclose(inverse[inside], expected[inside], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_damped_factor_shifts_by_the_first_power_of_ten_that_is_positive_definite(backend):
     """The Newton fallback on an indefinite Q: the shift is checked against the exact smallest eigenvalue."""
