@@ -41,6 +41,22 @@ def data_path(name: str) -> Path:
     pytest.fail(f"{name} is missing from {[str(d) for d in DATA_DIRS]}")
 
 
+@pytest.fixture
+def compile_count(monkeypatch):
+    """Number of pytensor functions compiled since the fixture was made (loads from disk are not counted)."""
+    import pymc_laplace.compile
+
+    calls = []
+    original = pymc_laplace.compile.compile_graph
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pymc_laplace.compile, "compile_graph", counted)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def bioassay_data() -> dict[str, np.ndarray]:
     data = np.genfromtxt(data_path("bioassay.csv"), delimiter=",", names=True)

@@ -7,23 +7,8 @@ import pymc as pm
 import pytest
 import scipy.stats
 
-import pymc_laplace.compile
 from pymc_laplace import clear_compile_cache, fit_integrated_laplace, fit_laplace
 from pymc_laplace._compat import get_group
-
-
-@pytest.fixture
-def compile_count(monkeypatch):
-    """Number of pytensor functions compiled since the fixture was made."""
-    calls = []
-    original = pymc_laplace.compile.compile_graph
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pymc_laplace.compile, "compile_graph", counted)
-    return calls
 
 
 def bioassay() -> pm.Model:
