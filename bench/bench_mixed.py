@@ -15,7 +15,12 @@ Each measurement runs in a fresh process, killed after ``--timeout`` seconds and
   ("second"). Two such processes run per data set, sharing a directory of compiled functions that starts
   empty: the first process compiles everything ("cold"), the second loads what the first kept on disk, as a
   user's next session would; its calls are the ones compared with the goals. Imports and model construction
-  are timed apart and excluded. The fit's own
+  are timed apart and excluded. pytensor's own cache of compiled C modules is read whole (every module's key) the
+  first time a process compiles or loads a function, at a cost that grows with the number of modules it holds
+  (5.0 s for 4,217 keys on the machine of the results in ``bench/results``): by default (``--compiledir fresh``)
+  both processes of a data set share a pytensor compile directory that starts empty, as for a user whose
+  pytensor cache holds this model's modules only; ``--compiledir default`` uses the machine's own, whatever it
+  holds. The number of modules in it is printed. The fit's own
   ``compile_seconds``/``fit_seconds``/``draws_seconds`` attributes are reported when the result has them,
   and the number of colours of the random-effect Hessian (``marginal(...).compiled.colors``), computed after
   the timed calls on a third copy of the model (``--no-colors`` skips it).
@@ -114,6 +119,10 @@ def worker(name: str, colors: bool) -> None:
         if any(m.startswith(NO_BLAS) for m in messages):
             record["no_blas"] = True
         record[f"warnings_{call}"] = sorted(m.split(":")[0][:100] for m in messages if not m.startswith(NO_BLAS))
+        if call == "first":
+            import pytensor
+
+            record["c_modules"] = sum(1 for entry in Path(pytensor.config.compiledir).glob("tmp*/key.pkl"))
         _emit(record)
     if colors:
         model, random, _ = build()
@@ -163,11 +172,14 @@ def run_process(cmd: list[str], timeout: float, env: dict | None = None) -> dict
     return record
 
 
-def run_ours(name: str, timeout: float, colors: bool, cache_dir: Path) -> dict:
+def run_ours(name: str, timeout: float, colors: bool, cache_dir: Path, compiledir: Path | None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
     if not colors:
         cmd.append("--no-colors")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYMC_LAPLACE_CACHE_DIR": str(cache_dir)}
+    if compiledir is not None:
+        flags = [f for f in env.get("PYTENSOR_FLAGS", "").split(",") if f and not f.startswith("base_compiledir")]
+        env["PYTENSOR_FLAGS"] = ",".join([*flags, f"base_compiledir={compiledir}"])
     return run_process(cmd, timeout, env=env)
 
 
@@ -255,7 +267,8 @@ def table(results: dict[str, dict], timeout: float) -> list[str]:
         "",
         "ours apart from the calls (s); compile/fit/draws are the result's own attributes ('-': not recorded):",
         f"{'data':>12} {'import':>7} {'build':>6} {'compile 1st':>11} {'fit 1st':>8} {'draws 1st':>9} "
-        f"{'compile 2nd':>11} {'fit 2nd':>8} {'draws 2nd':>9} {'colours':>7} {'lme4 logLik':>15}  warnings",
+        f"{'compile 2nd':>11} {'fit 2nd':>8} {'draws 2nd':>9} {'colours':>7} {'C modules':>9} {'lme4 logLik':>15}  "
+        "warnings",
     ]
     for name, r in results.items():
         ours, lme4 = r["ours"], r.get("lme4") or {}
@@ -273,7 +286,8 @@ def table(results: dict[str, dict], timeout: float) -> list[str]:
         lme4_ll = f"{lme4['logLik']:.6f}" if "logLik" in lme4 else "-"
         lines.append(
             f"{name:>12} {imported:>7} {build:>6} {cells[0]:>11} {cells[1]:>8} {cells[2]:>9} {cells[3]:>11} "
-            f"{cells[4]:>8} {cells[5]:>9} {ours.get('n_colors', '-')!s:>7} {lme4_ll:>15}  {'; '.join(notes)}"
+            f"{cells[4]:>8} {cells[5]:>9} {ours.get('n_colors', '-')!s:>7} {ours.get('c_modules', '-')!s:>9} "
+            f"{lme4_ll:>15}  {'; '.join(notes)}"
         )
     return lines
 
@@ -284,6 +298,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process (default 1800)")
     parser.add_argument("--no-r", action="store_true", help="skip the R peers")
     parser.add_argument("--no-colors", action="store_true", help="do not count the colours (saves a compile)")
+    parser.add_argument(
+        "--compiledir", choices=["fresh", "default"], default="fresh",
+        help="pytensor's compile directory: a fresh one per data set (default) or the machine's own",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -299,11 +317,17 @@ def main() -> None:
     started = datetime.datetime.now()
     results: dict[str, dict] = {}
     for name in args.datasets:
-        with tempfile.TemporaryDirectory(prefix="compiled-functions-") as cache_dir:
-            cold = run_ours(name, args.timeout, colors=False, cache_dir=Path(cache_dir))
+        with (
+            tempfile.TemporaryDirectory(prefix="compiled-functions-") as cache_dir,
+            tempfile.TemporaryDirectory(prefix="pytensor-") as fresh_compiledir,
+        ):
+            compiledir = Path(fresh_compiledir) if args.compiledir == "fresh" else None
+            cold = run_ours(name, args.timeout, colors=False, cache_dir=Path(cache_dir), compiledir=compiledir)
             print(f"{name}: ours, empty disk cache: {cold['status']} first {_seconds(cold, 'first_s')} "
                   f"second {_seconds(cold, 'second_s')}", flush=True)  # fmt: skip
-            warm = run_ours(name, args.timeout, colors=not args.no_colors, cache_dir=Path(cache_dir))
+            warm = run_ours(
+                name, args.timeout, colors=not args.no_colors, cache_dir=Path(cache_dir), compiledir=compiledir
+            )
         r = results[name] = {"ours": warm, "ours_cold": cold}
         o = r["ours"]
         print(f"{name}: ours {o['status']} first {_seconds(o, 'first_s')} second {_seconds(o, 'second_s')} "
@@ -319,7 +343,8 @@ def main() -> None:
 
     lines = [
         f"bench_mixed {started:%Y-%m-%d %H:%M}; python {sys.version.split()[0]} ({sys.executable}); "
-        f"load average {tuple(round(x, 2) for x in os.getloadavg())}; timeout {args.timeout:.0f} s per process",
+        f"load average {tuple(round(x, 2) for x in os.getloadavg())}; timeout {args.timeout:.0f} s per process; "
+        f"pytensor compile directory: {args.compiledir}",
         *table(results, args.timeout),
     ]
     if any(r["ours"].get("no_blas") for r in results.values()):
