@@ -23,7 +23,7 @@ import numpy as np
 import pymc as pm
 
 from pymc_laplace import fit_laplace, importance_resample
-from pymc_laplace._compat import get_group
+from pymc_laplace import get_group
 
 DATA = Path(__file__).resolve().parent / "data" / "bioassay.csv"
 

@@ -26,7 +26,7 @@ BIOASSAY = [
         "import matplotlib.pyplot as plt\n"
         "import pymc as pm\n"
         "from pymc_laplace import fit_laplace, importance_resample\n"
-        "from pymc_laplace._compat import get_group\n"
+        "from pymc_laplace import get_group\n"
         "from bioassay import bioassay_model, grid_posterior, load_data\n\n"
         "data = load_data()\n"
         "data"
@@ -94,7 +94,7 @@ RANDOM_EFFECTS = [
     new_code_cell(
         "import numpy as np\n"
         "from pymc_laplace import fit_integrated_laplace, marginal, summary\n"
-        "from pymc_laplace._compat import get_group\n"
+        "from pymc_laplace import get_group\n"
         "from random_effects import cbpp_model, two_site_model, urchin_model, SEED_000_BETA, aghq_log_marginal"
     ),
     new_markdown_cell("## cbpp (glmmTMB: logLik -92.026282, herd SD 0.64226167)"),

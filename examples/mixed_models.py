@@ -324,7 +324,7 @@ def main(out_dir: Path | None = None) -> str:
     import warnings
 
     from pymc_laplace import fit_integrated_laplace, summary
-    from pymc_laplace._compat import get_group
+    from pymc_laplace import get_group
 
     refs = json.loads(REFERENCE.read_text())
     lines = [

@@ -30,7 +30,7 @@ from mixed_models import cbpp
 from scipy import optimize, special
 
 from pymc_laplace import HessianNotPositiveDefiniteError, fit_integrated_laplace, marginal, summary
-from pymc_laplace._compat import get_group
+from pymc_laplace import get_group
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -1,8 +1,10 @@
 """Laplace and integrated-Laplace fits of PyMC models, returned as the object ``pm.sample`` returns."""
 
+from pymc_laplace._compat import get_group
 from pymc_laplace.compile import clear_compile_cache
 from pymc_laplace.diagnostics import importance_resample, pareto_smooth
 from pymc_laplace.errors import (
+    ApproximationWarning,
     BoundaryFitWarning,
     HessianNotPositiveDefiniteError,
     LaplaceError,
@@ -18,6 +20,7 @@ from pymc_laplace.optimize import NewtonOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApproximationWarning",
     "BoundaryFitWarning",
     "HessianNotPositiveDefiniteError",
     "InnerNewton",
@@ -32,6 +35,7 @@ __all__ = [
     "clear_compile_cache",
     "fit_integrated_laplace",
     "fit_laplace",
+    "get_group",
     "importance_resample",
     "marginal",
     "pareto_smooth",

@@ -38,7 +38,13 @@ def group_names(result: Any) -> list[str]:
 
 
 def get_group(result: Any, name: str) -> xr.Dataset:
-    """One group of a result as an ``xarray.Dataset``."""
+    """One group of a result (``InferenceData`` on PyMC 5, ``DataTree`` on PyMC 6) as an ``xarray.Dataset``.
+
+    Examples
+    --------
+    >>> from pymc_laplace import get_group
+    >>> # get_group(idata, "fit")["mean_vector"]
+    """
     if RETURNS_DATATREE:
         return result[name].to_dataset()
     return result[name]

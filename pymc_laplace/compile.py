@@ -123,6 +123,14 @@ class CompiledJoint:
         ``X (m, n) -> [logp (m,), *values (m, ...)]``: ``logp_and_outputs`` vectorised over a batch of points
         (compiled on first use). Where the model has parameter checks, one failing point makes the whole batch's
         log density ``-inf``: callers evaluate such points again one at a time.
+    value_dims : tuple
+        The dims of each value variable of ``layout`` (its random variable's, when the transform keeps the shape;
+        else None).
+    log_likelihood_variables : tuple of PosteriorVariable
+        The observed variables, each with its dims, in the order of ``pointwise_log_likelihood``'s outputs.
+    pointwise_log_likelihood : callable, optional
+        ``X (m, n) -> [log p(y_i | x) (m, *shape of y) for each observed variable]``: the elementwise log likelihood
+        of each point (compiled on first use), for the ``log_likelihood`` group.
     """
 
     layout: FlatLayout
@@ -136,6 +144,9 @@ class CompiledJoint:
     coords: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     describe_point: Callable[[np.ndarray], str] = repr
     logp_and_outputs_batched: Callable[[np.ndarray], list[np.ndarray]] | None = None
+    log_likelihood_variables: tuple[PosteriorVariable, ...] = ()
+    pointwise_log_likelihood: Callable[[np.ndarray], list[np.ndarray]] | None = None
+    value_dims: tuple[tuple[str, ...] | None, ...] = ()
 
 
 def element_labels(
@@ -530,11 +541,12 @@ def compile_joint(
     dims = model.named_vars_to_dims
 
     labels: list[str] = []
-    shapes, slices = [], []
+    shapes, slices, value_dims = [], [], []
     for rv, value in zip(model.free_RVs, value_vars, strict=True):
         shape = tuple(int(s) for s in np.shape(point[value.name]))
         # dims label a transformed value only when the transform keeps the shape (log, logodds; not simplex)
         rv_dims = dims.get(rv.name) if _transform_keeps_shape(model.rvs_to_transforms.get(rv)) else None
+        value_dims.append(_dims(rv_dims))
         labels += element_labels(value.name, shape, rv_dims, coords)
         slices.append(slice(len(labels) - int(np.prod(shape, dtype=int)), len(labels)))
         shapes.append(shape)
@@ -544,14 +556,21 @@ def compile_joint(
     posterior_variables = tuple(PosteriorVariable(v.name, _dims(dims.get(v.name))) for v in posterior_rvs)
     logp = model_log_density(model, jacobian=jacobian)
     outputs = model.replace_rvs_by_values(posterior_rvs)
-    [logp_flat, *outputs_flat], x = join_nonshared_inputs(point, [logp, *outputs], value_vars)
+    # the elementwise log likelihood of each observed variable (pymc's own graph: values, not derivatives, are used)
+    observed_rvs = list(model.observed_RVs)
+    pointwise = list(model.logp(vars=observed_rvs, jacobian=False, sum=False)) if observed_rvs else []
+    log_likelihood_variables = tuple(PosteriorVariable(rv.name, _dims(dims.get(rv.name))) for rv in observed_rvs)
+    n_out = 1 + len(outputs)
+    [logp_flat, *rest], x = join_nonshared_inputs(point, [logp, *outputs, *pointwise], value_vars)
     x.name = "unconstrained"
-    [logp_flat, *outputs_flat], shared, data = _data_as_inputs([logp_flat, *outputs_flat])
+    [logp_flat, *rest], shared, data = _data_as_inputs([logp_flat, *rest])
+    outputs_flat, pointwise_flat = rest[: n_out - 1], rest[n_out - 1 :]
+    everything = [logp_flat, *outputs_flat, *pointwise_flat]
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
     reuse_key = ("joint", derivatives, tuple(sorted(kwargs.items())) if key is not None else None)
-    functions = _find_reusable(reuse_key, [logp_flat, *outputs_flat], [x, *data])
+    functions = _find_reusable(reuse_key, everything, [x, *data])
     if functions is None:
-        base = function_cache.graph_digest([x, *data], [logp_flat, *outputs_flat], "joint", sorted(kwargs.items()))
+        base = function_cache.graph_digest([x, *data], everything, "joint", sorted(kwargs.items()))
         batch = pt.matrix("unconstrained_batch")
         # pymc's compile turns parameter checks into -inf (a draw outside the support is not an error)
         functions = {
@@ -563,6 +582,15 @@ def compile_joint(
                 lambda: vectorize_graph([logp_flat, *outputs_flat], {x: batch}),
                 kwargs,
                 _named_digest(base, "batched"),
+            ),
+            "pointwise_log_likelihood": _LazyFunction(
+                [*data, x], list(pointwise_flat), kwargs, _named_digest(base, "pointwise_log_likelihood")
+            ),
+            "pointwise_log_likelihood_batched": _LazyFunction(
+                [*data, batch],
+                lambda: vectorize_graph(list(pointwise_flat), {x: batch}),
+                kwargs,
+                _named_digest(base, "pointwise_log_likelihood_batched"),
             ),
         }
         if derivatives:
@@ -577,8 +605,18 @@ def compile_joint(
             functions["value_grad_hvp"] = _LazyFunction(
                 [*data, x, direction], value_grad_hvp, kwargs, _named_digest(base, "value_grad_hvp")
             )
-        _store_reusable(reuse_key, [logp_flat, *outputs_flat], [x, *data], functions)
+        _store_reusable(reuse_key, everything, [x, *data], functions)
     out_fn = _with_data(functions["logp_and_outputs"], shared)
+    if not pointwise_flat:
+        pointwise_fn = None
+    elif _vectorises_cheaply(list(pointwise_flat)):
+        pointwise_fn = _with_data(functions["pointwise_log_likelihood_batched"], shared)
+    else:  # batched linear algebra (MvNormal) vectorises poorly: point by point
+        single = _with_data(functions["pointwise_log_likelihood"], shared)
+
+        def pointwise_fn(xs: np.ndarray) -> list[np.ndarray]:
+            rows = [single(xv) for xv in xs]
+            return [np.stack([np.asarray(row[k]) for row in rows]) for k in range(len(pointwise_flat))]
 
     model_ref = weakref.ref(model)  # the cache entry must not keep its (weakly held) model alive
 
@@ -635,6 +673,9 @@ def compile_joint(
             if _vectorises_cheaply([logp_flat, *outputs_flat])
             else None
         ),
+        log_likelihood_variables=log_likelihood_variables,
+        pointwise_log_likelihood=pointwise_fn,
+        value_dims=tuple(value_dims),
     )
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled

@@ -71,15 +71,20 @@ def build_result(
     observed_data: Sequence[DataVariable],
     constant_data: Sequence[DataVariable],
     attrs: Mapping[str, Any],
-    model: pm.Model | None = None,
-    log_likelihood: bool = False,
+    log_likelihood: Mapping[str, np.ndarray] | None = None,
+    log_likelihood_variables: Sequence[PosteriorVariable] = (),
+    unconstrained_posterior: Mapping[str, np.ndarray] | None = None,
+    unconstrained_dims: Mapping[str, Sequence[str] | None] | None = None,
     extra_fit: Mapping[str, tuple[tuple[str, ...], np.ndarray, Sequence[str]]] | None = None,
 ) -> Any:
     """Assemble the result groups.
 
     ``posterior`` values have leading ``(chain, draw)`` axes; ``sample_stats`` arrays are ``(chain, draw)``;
     ``fit_vectors`` are over ``rows`` and ``fit_matrices`` over ``(rows, columns)``, both labelled by ``labels``;
-    ``extra_fit`` maps a name to ``(dims, values, labels of the single dim)``.
+    ``extra_fit`` maps a name to ``(dims, values, labels of the single dim)``. ``log_likelihood`` (the elementwise
+    log likelihood of each observed variable, dims from ``log_likelihood_variables``) and
+    ``unconstrained_posterior`` (the draws of each value variable, pymc-extras' layout) have leading
+    ``(chain, draw)`` axes and make groups of those names when given.
     """
     attrs = {**_base_attrs(), **dict(attrs)}
     posterior_dims = {v.name: v.dims for v in posterior_variables}
@@ -106,12 +111,14 @@ def build_result(
             groups[group] = _dataset(
                 {v.name: v.values for v in variables}, {v.name: v.dims for v in variables}, coords, (), attrs
             )
-    result = _compat.make_result(groups)
-    if log_likelihood:
-        if model is None:
-            raise ValueError("log_likelihood=True needs the model")
-        result = pm.compute_log_likelihood(result, model=model, progressbar=False, extend_inferencedata=True)
-    return result
+    if log_likelihood is not None:
+        log_likelihood_dims = {v.name: v.dims for v in log_likelihood_variables}
+        groups["log_likelihood"] = _dataset(log_likelihood, log_likelihood_dims, coords, SAMPLE_DIMS, attrs)
+    if unconstrained_posterior is not None:
+        groups["unconstrained_posterior"] = _dataset(
+            unconstrained_posterior, dict(unconstrained_dims or {}), coords, SAMPLE_DIMS, attrs
+        )
+    return _compat.make_result(groups)
 
 
 def posterior_attrs(result: Any) -> dict[str, Any]:

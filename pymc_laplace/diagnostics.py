@@ -16,8 +16,38 @@ from scipy.special import logsumexp
 
 from pymc_laplace import _compat
 from pymc_laplace.convert import resample_posterior
+from pymc_laplace.errors import ApproximationWarning
 
 KHAT_THRESHOLD = 0.7
+
+
+def check_approximation(log_p: np.ndarray, log_q: np.ndarray, *, advice: str, stacklevel: int = 3) -> dict[str, float]:
+    """Pareto k-hat and importance ESS of the draws' ratios ``p/q``, with an :class:`ApproximationWarning` above 0.7.
+
+    Run on every fit: k-hat above 0.7 means that the Gaussian misses mass the posterior has (Vehtari et al. 2024),
+    and means or intervals read from its draws may be off; ``advice`` says what to do for this kind of fit.
+    """
+    ratios = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
+    invalid = np.isnan(ratios) | (ratios == np.inf)
+    if invalid.any():
+        warnings.warn(
+            f"Pareto k-hat not computed: {int(invalid.sum())} of {ratios.size} draws have a log density that is "
+            "NaN or +inf, so the draws cannot be checked against the posterior. Evaluate the model at those draws "
+            "(sample_stats.log_p) to find the variable responsible.",
+            ApproximationWarning,
+            stacklevel=stacklevel,
+        )
+        return {"pareto_k": float("nan"), "importance_ess": float("nan")}
+    weights = pareto_smooth(ratios)
+    if not np.isfinite(weights.pareto_k) or weights.pareto_k > KHAT_THRESHOLD:
+        warnings.warn(
+            f"Pareto k-hat of the draws' importance ratios p/q is {weights.pareto_k:.2f} > {KHAT_THRESHOLD} "
+            f"(importance ESS {weights.ess:.0f} of {ratios.size}): the Gaussian approximation is far from the "
+            f"posterior, and means, intervals and loo computed from these draws may be off. {advice}",
+            ApproximationWarning,
+            stacklevel=stacklevel,
+        )
+    return {"pareto_k": float(weights.pareto_k), "importance_ess": float(weights.ess)}
 
 
 @dataclass(frozen=True)
@@ -136,7 +166,7 @@ def importance_resample(result: Any, *, random_seed: int | np.random.Generator |
             f"Pareto k-hat = {weights.pareto_k:.2f} > {KHAT_THRESHOLD}: the Gaussian approximation is far from the "
             "posterior and importance resampling cannot be trusted to correct it. Reparameterise (e.g. log "
             "scale for positive parameters) or sample with NUTS.",
-            UserWarning,
+            ApproximationWarning,
             stacklevel=2,
         )
     rng = np.random.default_rng(random_seed)

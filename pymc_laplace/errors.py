@@ -29,3 +29,7 @@ class HessianNotPositiveDefiniteError(LaplaceError):
 
 class BoundaryFitWarning(UserWarning):
     """Parameters estimated on the boundary of their space (a variance at zero, a correlation at +-1)."""
+
+
+class ApproximationWarning(UserWarning):
+    """The draws' importance ratios ``p/q`` say the Gaussian approximation is far from the posterior."""

@@ -19,9 +19,10 @@ from pymc_laplace._progress import progress_bar
 from pymc_laplace.blocks import BlockStructure
 from pymc_laplace.compile import compile_seconds, compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
+from pymc_laplace.diagnostics import check_approximation
 from pymc_laplace.errors import BoundaryFitWarning, HessianNotPositiveDefiniteError, ModelSpecificationError
 from pymc_laplace.gaussian import LOG_2PI, describe_direction, gaussian_from_precision
-from pymc_laplace.laplace import evaluate_draws
+from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 
 _NO_RANDOM = "Name the random effects to integrate out; fit_laplace fits a model with nothing integrated out."
@@ -371,6 +372,7 @@ def fit_integrated_laplace(
     idata_kwargs: Mapping[str, Any] | None = None,
     compile_kwargs: Mapping[str, Any] | None = None,
     compiled_marginal: LaplaceMarginal | None = None,
+    include_transformed: bool = False,
 ) -> Any:
     """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
 
@@ -396,6 +398,8 @@ def fit_integrated_laplace(
     compiled_marginal : LaplaceMarginal, optional
         What :func:`marginal` compiled for this model and these random effects, reused as it is (its own
         ``inner`` settings and start point; ``inner``, ``initvals`` and ``compile_kwargs`` are then not used).
+    include_transformed : bool
+        Add the ``unconstrained_posterior`` group (the draws of each value variable), as :func:`fit_laplace`.
 
     Returns
     -------
@@ -403,7 +407,10 @@ def fit_integrated_laplace(
         As ``pm.sample`` returns. The ``fit`` group holds ``mean_vector`` and ``covariance_matrix`` of theta
         (``rows``/``columns``), ``random_effects`` and ``random_effects_se`` (conditional modes of ``b`` and
         their standard errors including theta's uncertainty, over ``random_rows``), ``log_marginal_likelihood``,
-        ``aic``, ``bic``; ``optimizer_result`` records the outer and inner solves.
+        ``aic``, ``bic``; ``optimizer_result`` records the outer and inner solves. The ``log_likelihood`` group
+        as in :func:`fit_laplace`. The attrs hold ``pareto_k`` and ``importance_ess`` of the joint draws'
+        importance ratios ``p/q`` (``p`` the model's joint density, priors included): above 0.7 an
+        :class:`~pymc_laplace.errors.ApproximationWarning` says the Gaussian is not to be trusted.
 
     Raises
     ------
@@ -577,7 +584,18 @@ def fit_integrated_laplace(
         )
     log_q += gaussian.logpdf(reduced_draws)
     laplace.solve_inner(outer.theta)  # leave the warm start at the estimate
-    posterior, log_p = evaluate_draws(compiled.joint, unconstrained.reshape(chains, draws, -1), progressbar=False)
+    unconstrained = unconstrained.reshape(chains, draws, -1)
+    posterior, log_p = evaluate_draws(compiled.joint, unconstrained, progressbar=False)
+    if boundary.size:  # q lives on fewer dimensions than p: their ratio is no importance weight
+        checked = {"pareto_k": float("nan"), "importance_ess": float("nan")}
+    else:
+        checked = check_approximation(log_p, log_q, advice=INTEGRATED_ADVICE)
+    groups = draw_groups(
+        compiled.joint,
+        unconstrained,
+        log_likelihood=log_likelihood_request(idata_kwargs),
+        include_transformed=include_transformed,
+    )
     drawn, compile_drawn = time.perf_counter(), compile_seconds()
 
     natural_values, natural_jac = compiled.natural(outer.theta)
@@ -591,6 +609,7 @@ def fit_integrated_laplace(
         "outer_success": int(outer.success or boundary.size > 0),
         "boundary": described,
         "failed_theta_draws": len(failed),
+        **checked,
         # wall-clock seconds of this call: compiling (graphs built and compiled, none when reused), fitting (outer
         # optimisation, standard errors) and drawing, each without the compiling done within it
         "compile_seconds": compile_drawn - compile_before,
@@ -625,8 +644,7 @@ def fit_integrated_laplace(
         observed_data=compiled.joint.observed_data,
         constant_data=compiled.joint.constant_data,
         attrs=attrs,
-        model=model,
-        log_likelihood=bool(dict(idata_kwargs or {}).get("log_likelihood", False)),
+        **groups,
         extra_fit={
             "random_effects": (("random_rows",), solution.b, compiled.b_layout.labels),
             "random_effects_se": (("random_rows",), np.sqrt(b_var), compiled.b_layout.labels),
@@ -635,6 +653,13 @@ def fit_integrated_laplace(
         },
     )
     return result
+
+
+INTEGRATED_ADVICE = (
+    "Laplace's approximation of the random effects given theta, or the Gaussian of theta, is poor here (small "
+    "groups, binary data, a variance near 0): importance_resample(result) corrects the draws only when k-hat <= 0.7; "
+    "otherwise give the variances priors (method='map'), or sample with NUTS."
+)
 
 
 def summary(result: Any) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from pymc_laplace.compile import (
     validate_arguments,
 )
 from pymc_laplace.convert import build_result
+from pymc_laplace.diagnostics import check_approximation
 from pymc_laplace.errors import OptimizationError, StartPointError
 from pymc_laplace.gaussian import LOG_2PI, gaussian_from_precision
 from pymc_laplace.optimize import NewtonOptimizer, NewtonStatus, OptimizerResult
@@ -36,6 +37,8 @@ def fit_laplace(
     ridge: float = 0.0,
     idata_kwargs: Mapping[str, Any] | None = None,
     compile_kwargs: Mapping[str, Any] | None = None,
+    include_transformed: bool = False,
+    covariance: bool = True,
 ) -> Any:
     """Fit a PyMC model by the Laplace approximation at its mode, with exact derivatives.
 
@@ -68,9 +71,18 @@ def fit_laplace(
         not positive definite raises :class:`~pymc_laplace.errors.HessianNotPositiveDefiniteError`. A ridge is
         recorded in the result's posterior attrs.
     idata_kwargs : dict, optional
-        ``{"log_likelihood": True}`` adds the ``log_likelihood`` group, as in ``pm.sample``.
+        ``{"log_likelihood": True | False}``: the ``log_likelihood`` group (elementwise log likelihood of each
+        observed variable at each draw, for ``az.loo``). By default it is added when it holds at most 25 million
+        values (draws x observations); ask for it with True beyond that, or leave it out with False.
     compile_kwargs : dict, optional
         Passed to ``pytensor.function``.
+    include_transformed : bool
+        Add the ``unconstrained_posterior`` group: the draws of each value variable (e.g. ``sigma_log__``) on the
+        unconstrained scale where the Gaussian lives, as pymc-extras' ``fit_laplace`` does.
+    covariance : bool
+        False: the mode alone (pymc-extras' ``find_MAP(compute_hessian=False)``): no covariance, no draws, no
+        diagnostics; the posterior group holds the mode as its single draw (one chain) and the fit group its
+        unconstrained ``mean_vector``. Newton's method still uses the Hessian to find the mode.
 
     Returns
     -------
@@ -79,7 +91,9 @@ def fit_laplace(
         (``log_p``: model log density of each draw, in the space and Jacobian convention of the mode;
         ``log_q``: Gaussian log density); ``fit`` (``mean_vector``, ``covariance_matrix`` over labelled
         ``rows``/``columns``, ``log_marginal_likelihood``); ``optimizer_result``; ``observed_data``;
-        ``constant_data``; ``log_likelihood`` when asked.
+        ``constant_data``; ``log_likelihood`` (see ``idata_kwargs``); ``unconstrained_posterior`` when asked. The
+        attrs hold ``pareto_k`` and ``importance_ess`` of the draws' importance ratios ``p/q``: above 0.7 an
+        :class:`~pymc_laplace.errors.ApproximationWarning` says the Gaussian is not to be trusted.
 
     Raises
     ------
@@ -114,10 +128,12 @@ def fit_laplace(
     compiled = compile_joint(model, jacobian=jacobian, initvals=initvals, compile_kwargs=compile_kwargs)
     rng = np.random.default_rng(random_seed)
     optimizer = optimizer or NewtonOptimizer()
-    log_likelihood = bool(dict(idata_kwargs or {}).get("log_likelihood", False))
+    log_likelihood = log_likelihood_request(idata_kwargs)
 
     mode = find_mode(compiled, optimizer, progressbar=progressbar)
     layout = compiled.layout
+    if not covariance:
+        return _mode_only(compiled, mode, jacobian=jacobian, include_transformed=include_transformed)
     precision = -mode.hessian
     full = gaussian_from_precision(mode.x, precision, layout.labels, ridge=ridge, what="model log density")
     log_evidence = mode.logp + 0.5 * layout.size * LOG_2PI - 0.5 * full.log_det_precision
@@ -136,12 +152,14 @@ def fit_laplace(
         unconstrained = np.broadcast_to(mode.x, (chains, draws, layout.size)).copy()
         unconstrained[..., selected] = sub_draws
     posterior, log_p = evaluate_draws(compiled, unconstrained, progressbar=progressbar)
+    checked = check_approximation(log_p, log_q, advice=LAPLACE_ADVICE)
 
     attrs = {
         "method": "laplace",
         "jacobian": int(jacobian),
         "ridge": float(ridge),
         "approximated_variables": [name for name in layout.names if name in selected_names],
+        **checked,
     }
     return build_result(
         posterior=posterior,
@@ -156,8 +174,73 @@ def fit_laplace(
         observed_data=compiled.observed_data,
         constant_data=compiled.constant_data,
         attrs=attrs,
-        model=model,
-        log_likelihood=log_likelihood,
+        **draw_groups(compiled, unconstrained, log_likelihood=log_likelihood, include_transformed=include_transformed),
+    )
+
+
+LAPLACE_ADVICE = (
+    "importance_resample(result) corrects the draws only when k-hat <= 0.7; otherwise reparameterise (log or logit "
+    "scales, non-centred group effects), integrate group effects out with fit_integrated_laplace, or sample with "
+    "NUTS."
+)
+
+# By default the log_likelihood group is added up to this many values (draws x observations, 8 bytes each).
+LOG_LIKELIHOOD_AUTO_VALUES = 25_000_000
+
+
+def log_likelihood_request(idata_kwargs: Mapping[str, Any] | None) -> bool | None:
+    """``idata_kwargs["log_likelihood"]``: True or False as asked, None (decide by size) when not given."""
+    value = dict(idata_kwargs or {}).get("log_likelihood")
+    return None if value is None else bool(value)
+
+
+def draw_groups(
+    compiled: CompiledJoint, unconstrained: np.ndarray, *, log_likelihood: bool | None, include_transformed: bool
+) -> dict[str, Any]:
+    """The ``log_likelihood`` and ``unconstrained_posterior`` groups' arrays for the draws ``(chain, draw, n)``, as
+    keyword arguments of :func:`build_result`."""
+    lead = unconstrained.shape[:-1]
+    flat = unconstrained.reshape(-1, unconstrained.shape[-1])
+    groups: dict[str, Any] = {}
+    if log_likelihood is None:
+        n_values = flat.shape[0] * sum(int(np.size(v.values)) for v in compiled.observed_data)
+        log_likelihood = n_values <= LOG_LIKELIHOOD_AUTO_VALUES
+    if log_likelihood and compiled.pointwise_log_likelihood is not None:
+        pieces = [compiled.pointwise_log_likelihood(flat[i : i + DRAWS_PER_BATCH])
+                  for i in range(0, flat.shape[0], DRAWS_PER_BATCH)]  # fmt: skip
+        groups["log_likelihood"] = {}
+        for k, variable in enumerate(compiled.log_likelihood_variables):
+            values = np.concatenate([np.asarray(piece[k]) for piece in pieces])
+            groups["log_likelihood"][variable.name] = values.reshape(lead + values.shape[1:])
+        groups["log_likelihood_variables"] = compiled.log_likelihood_variables
+    if include_transformed:
+        layout = compiled.layout
+        groups["unconstrained_posterior"] = {
+            name: flat[:, where].reshape(lead + shape)
+            for name, where, shape in zip(layout.names, layout.slices, layout.shapes, strict=True)
+        }
+        groups["unconstrained_dims"] = dict(zip(layout.names, compiled.value_dims, strict=True))
+    return groups
+
+
+def _mode_only(compiled: CompiledJoint, mode: OptimizerResult, *, jacobian: bool, include_transformed: bool) -> Any:
+    """The result of ``fit_laplace(covariance=False)``: the mode as a single draw."""
+    unconstrained = mode.x[None, None, :]
+    posterior, log_p = evaluate_draws(compiled, unconstrained, progressbar=False)
+    return build_result(
+        posterior=posterior,
+        posterior_variables=compiled.posterior_variables,
+        coords=compiled.coords,
+        sample_stats={"log_p": log_p},
+        fit_vectors={"mean_vector": mode.x},
+        fit_matrices={},
+        fit_scalars={},
+        labels=list(compiled.layout.labels),
+        optimizer=optimizer_stats(mode),
+        observed_data=compiled.observed_data,
+        constant_data=compiled.constant_data,
+        attrs={"method": "mode", "jacobian": int(jacobian)},
+        **draw_groups(compiled, unconstrained, log_likelihood=False, include_transformed=include_transformed),
     )
 
 
