@@ -19,6 +19,8 @@ from pymc_laplace.convert import resample_posterior
 from pymc_laplace.errors import ApproximationWarning
 
 KHAT_THRESHOLD = 0.7
+# Pareto smoothing fits the largest min(20%, 3 sqrt(S)) weights and needs at least 5 of them.
+MIN_DRAWS_FOR_KHAT = 25
 
 
 def check_approximation(log_p: np.ndarray, log_q: np.ndarray, *, advice: str, stacklevel: int = 3) -> dict[str, float]:
@@ -28,6 +30,8 @@ def check_approximation(log_p: np.ndarray, log_q: np.ndarray, *, advice: str, st
     and means or intervals read from its draws may be off; ``advice`` says what to do for this kind of fit.
     """
     ratios = np.asarray(log_p, dtype=float).ravel() - np.asarray(log_q, dtype=float).ravel()
+    if ratios.size < MIN_DRAWS_FOR_KHAT:  # a tail of fewer than 5 weights: k-hat cannot be estimated
+        return {"pareto_k": float("nan"), "importance_ess": float("nan")}
     invalid = np.isnan(ratios) | (ratios == np.inf)
     if invalid.any():
         warnings.warn(

@@ -102,3 +102,10 @@ def test_integrated_fit_has_khat_and_log_likelihood():
     posterior = get_group(result, "posterior")
     eta = posterior["beta"].values[..., None] + posterior["u"].values[..., group]
     np.testing.assert_allclose(log_lik, scipy.stats.poisson.logpmf(y, np.exp(eta)), rtol=1e-9)
+
+
+def test_too_few_draws_for_khat_record_nan_without_warning(normal_model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ApproximationWarning)
+        result = fit_laplace(normal_model, progressbar=False, random_seed=1, draws=12, chains=2)
+    assert np.isnan(get_group(result, "posterior").attrs["pareto_k"])
