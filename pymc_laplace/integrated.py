@@ -13,6 +13,7 @@ import pandas as pd
 import pymc as pm
 import scipy.linalg
 import scipy.optimize
+import scipy.stats
 
 from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
@@ -662,18 +663,29 @@ INTEGRATED_ADVICE = (
 )
 
 
-def summary(result: Any) -> pd.DataFrame:
-    """Estimates and standard errors of the outer parameters, on the unconstrained and the natural scale.
+def summary(result: Any, *, level: float = 0.95) -> pd.DataFrame:
+    """Estimates, standard errors, z and p values and Wald intervals of the outer parameters, on the unconstrained
+    and the natural scale (glmmTMB's and lme4's coefficient table).
 
     Natural-scale standard errors use the delta method with the exact Jacobian of the transforms (TMB's
     ``ADREPORT``). Works on the results of ``fit_integrated_laplace`` and ``fit_laplace`` (the latter has only
     the unconstrained scale).
 
+    Parameters
+    ----------
+    result : InferenceData or DataTree
+    level : float
+        Coverage of the Wald intervals ``estimate -+ z_(1+level)/2 * std_error``, on the scale of each row.
+
     Returns
     -------
     pandas.DataFrame
-        Indexed by label, with columns ``estimate``, ``std_error`` and ``scale``.
+        Indexed by label, with columns ``estimate``, ``std_error``, ``z_value`` (estimate / std_error), ``p_value``
+        (two-sided, standard normal, as glmmTMB's ``Pr(>|z|)``), ``ci_lower``, ``ci_upper`` and ``scale``. NaN where
+        a standard error is not defined (a boundary fit).
     """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"`level` must be in (0, 1), not {level!r}.")
     fit = get_group(result, "fit")
     rows = [
         (str(label), float(est), float(np.sqrt(var)), "unconstrained")
@@ -689,4 +701,11 @@ def summary(result: Any) -> pd.DataFrame:
             )
         ]
     frame = pd.DataFrame(rows, columns=["label", "estimate", "std_error", "scale"]).set_index("label")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = frame["estimate"] / frame["std_error"]
+    half_width = scipy.stats.norm.ppf(0.5 + level / 2.0) * frame["std_error"]
+    frame.insert(2, "z_value", z)
+    frame.insert(3, "p_value", 2.0 * scipy.stats.norm.sf(np.abs(z)))
+    frame.insert(4, "ci_lower", frame["estimate"] - half_width)
+    frame.insert(5, "ci_upper", frame["estimate"] + half_width)
     return frame

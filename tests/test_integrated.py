@@ -12,6 +12,7 @@ import pandas as pd
 import pymc as pm
 import pytensor.tensor as pt
 import pytest
+import scipy.stats
 from conftest import data_path
 from scipy import optimize, special, stats
 
@@ -93,6 +94,21 @@ def test_cbpp_matches_glmmtmb(cbpp_fit):
     assert log_lik == pytest.approx(-92.026282, abs=1e-4)
     assert log_lik >= -92.026282 - 1e-6  # at least as good as glmmTMB's optimum
     assert float(get_group(cbpp_fit, "fit")["aic"]) == pytest.approx(2 * 5 + 2 * 92.026282, abs=2e-4)
+
+
+def test_cbpp_coefficient_table_as_glmmtmb_prints_it(cbpp_fit):
+    """z value, Pr(>|z|) and confint's Wald interval as glmmTMB computes them from its estimate and SE (reference
+    table of reference/r/cbpp.R): est / se, 2 pnorm(-|z|), est -+ qnorm(0.95) se for level 0.9."""
+    table = summary(cbpp_fit, level=0.9)
+    estimate, se = -0.99233229, 0.30664249  # beta[period2]
+    row = table[table["scale"] == "unconstrained"].loc["beta[period2]"]
+    z = estimate / se
+    assert row["z_value"] == pytest.approx(z, abs=2e-3)
+    assert row["p_value"] == pytest.approx(2.0 * scipy.stats.norm.cdf(-abs(z)), rel=2e-2)
+    assert row["ci_lower"] == pytest.approx(estimate - 1.6448536 * se, abs=2e-4)
+    assert row["ci_upper"] == pytest.approx(estimate + 1.6448536 * se, abs=2e-4)
+    with pytest.raises(ValueError, match="level"):
+        summary(cbpp_fit, level=95)
 
 
 def test_cbpp_result_structure(cbpp_fit):
