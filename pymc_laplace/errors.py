@@ -33,3 +33,7 @@ class BoundaryFitWarning(UserWarning):
 
 class ApproximationWarning(UserWarning):
     """The draws' importance ratios ``p/q`` say the Gaussian approximation is far from the posterior."""
+
+
+class HessianNotPositiveDefiniteWarning(UserWarning):
+    """Estimates returned although the negative Hessian at the optimum is not positive definite (asked for)."""

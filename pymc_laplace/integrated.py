@@ -21,8 +21,13 @@ from pymc_laplace.blocks import BlockStructure
 from pymc_laplace.compile import compile_seconds, compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
 from pymc_laplace.diagnostics import check_approximation
-from pymc_laplace.errors import BoundaryFitWarning, HessianNotPositiveDefiniteError, ModelSpecificationError
-from pymc_laplace.gaussian import LOG_2PI, describe_direction, gaussian_from_precision
+from pymc_laplace.errors import (
+    BoundaryFitWarning,
+    HessianNotPositiveDefiniteError,
+    HessianNotPositiveDefiniteWarning,
+    ModelSpecificationError,
+)
+from pymc_laplace.gaussian import FLAT_DIRECTION_RTOL, LOG_2PI, describe_direction, gaussian_from_precision
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 
@@ -374,6 +379,7 @@ def fit_integrated_laplace(
     compile_kwargs: Mapping[str, Any] | None = None,
     compiled_marginal: LaplaceMarginal | None = None,
     include_transformed: bool = False,
+    non_positive_definite: Literal["raise", "warn"] = "raise",
 ) -> Any:
     """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
 
@@ -401,6 +407,11 @@ def fit_integrated_laplace(
         ``inner`` settings and start point; ``inner``, ``initvals`` and ``compile_kwargs`` are then not used).
     include_transformed : bool
         Add the ``unconstrained_posterior`` group (the draws of each value variable), as :func:`fit_laplace`.
+    non_positive_definite : {"raise", "warn"}
+        What to do when the negative Hessian of the marginal is not positive definite at the estimate (glmmTMB's
+        ``pdHess = FALSE``): raise :class:`HessianNotPositiveDefiniteError` (default), or return the estimates with a
+        :class:`~pymc_laplace.errors.HessianNotPositiveDefiniteWarning` naming the directions, NaN standard errors
+        for the parameters along them and draws that do not move along them.
 
     Returns
     -------
@@ -422,6 +433,10 @@ def fit_integrated_laplace(
     """
     if method not in ("ml", "map"):
         raise ModelSpecificationError(f"`method` must be 'ml' or 'map', not {method!r}.")
+    if non_positive_definite not in ("raise", "warn"):
+        raise ModelSpecificationError(
+            f"`non_positive_definite` must be 'raise' or 'warn', not {non_positive_definite!r}."
+        )
     started, compile_before = time.perf_counter(), compile_seconds()
     model = validate_arguments(model, draws=draws, chains=chains, ridge=ridge)
     random_values = resolve_variables(model, random, argument="random", if_empty=_NO_RANDOM)
@@ -484,6 +499,8 @@ def fit_integrated_laplace(
         )
     # the Gaussian of theta lives on the complement of the boundary directions (all of theta in the usual case)
     n_theta = outer.theta.size
+    on_boundary = boundary.size > 0
+    not_positive: list[str] = []
     if boundary.size:
         complement = scipy.linalg.null_space(boundary)
         reduced_labels = [describe_direction(column, theta_labels) for column in complement.T]
@@ -500,7 +517,30 @@ def fit_integrated_laplace(
     except HessianNotPositiveDefiniteError as err:
         err.theta = dict(zip(theta_labels, outer.theta, strict=True))
         err.objective = outer.objective
-        raise
+        if non_positive_definite == "raise":
+            raise
+        # glmmTMB's pdHess = FALSE: the estimates are returned, the Gaussian lives where the curvature is positive
+        precision = complement.T @ -outer.hessian @ complement
+        eigenvalues, eigenvectors = np.linalg.eigh(0.5 * (precision + precision.T))
+        flat = eigenvalues <= FLAT_DIRECTION_RTOL * max(float(np.max(np.abs(eigenvalues), initial=0.0)), 1e-300)
+        flat_directions = (complement @ eigenvectors[:, flat]).T
+        not_positive = [describe_direction(direction, theta_labels) for direction in flat_directions]
+        warnings.warn(
+            f"The negative Hessian of the Laplace marginal likelihood is not positive definite at the estimate "
+            f"(glmmTMB's pdHess = FALSE): flat or downward-curving along {not_positive}. The estimates are returned "
+            "as asked (non_positive_definite='warn'); the standard errors of the parameters along these directions "
+            "are NaN and the draws do not move along them. The model is not identified there or the estimate is a "
+            "saddle: simplify the model or give those parameters priors (method='map').",
+            HessianNotPositiveDefiniteWarning,
+            stacklevel=2,
+        )
+        boundary = np.vstack([boundary.reshape(-1, n_theta), flat_directions])
+        complement = complement @ eigenvectors[:, ~flat]
+        reduced_labels = [describe_direction(column, theta_labels) for column in complement.T]
+        gaussian = gaussian_from_precision(
+            np.zeros(complement.shape[1]), np.diag(eigenvalues[~flat]), reduced_labels, ridge=ridge,
+            what="Laplace marginal likelihood",
+        )  # fmt: skip
     covariance = complement @ gaussian.covariance @ complement.T
     undefined = np.flatnonzero(np.any(np.abs(boundary) > 1e-6, axis=0)) if boundary.size else np.zeros(0, int)
     reported_covariance = covariance.copy()
@@ -607,8 +647,9 @@ def fit_integrated_laplace(
         "method": f"integrated_laplace_{method}",
         "random": list(compiled.b_layout.names),
         "ridge": float(ridge),
-        "outer_success": int(outer.success or boundary.size > 0),
+        "outer_success": int(outer.success or on_boundary),
         "boundary": described,
+        "not_positive_definite": not_positive,
         "failed_theta_draws": len(failed),
         **checked,
         # wall-clock seconds of this call: compiling (graphs built and compiled, none when reused), fitting (outer

@@ -13,7 +13,15 @@ import pytest
 from dense_oracle import DenseLaplace
 from scipy import stats
 
-from pymc_laplace import BoundaryFitWarning, InnerNewton, fit_integrated_laplace, marginal, summary
+from pymc_laplace import (
+    BoundaryFitWarning,
+    HessianNotPositiveDefiniteError,
+    HessianNotPositiveDefiniteWarning,
+    InnerNewton,
+    fit_integrated_laplace,
+    marginal,
+    summary,
+)
 from pymc_laplace._compat import get_group
 
 
@@ -92,3 +100,39 @@ def test_inner_mode_does_not_depend_on_the_warm_start():
     warm.logp({"b0": np.array(0.2), "sigma_log__": np.array(np.log(5.0))})
     assert cold.logp(target) == pytest.approx(expected, abs=1e-8)
     assert warm.logp(target) == pytest.approx(expected, abs=1e-8)
+
+
+def test_non_positive_definite_hessian_returns_estimates_when_asked():
+    """y ~ Poisson(exp(a + b + u[g])) identifies only a + b: the default raises, 'warn' returns the estimates with
+    NaN SEs for a and b and the exact SE of the scale (that of the identified model, fitted with b left out)."""
+    rng = np.random.default_rng(7)
+    group = np.repeat(np.arange(10), 8)
+    y = rng.poisson(np.exp(0.4 + rng.normal(0.0, 0.5, 10)[group]))
+
+    def build(two_intercepts: bool) -> pm.Model:
+        with pm.Model() as model:
+            a = pm.Flat("a")
+            b = pm.Flat("b") if two_intercepts else 0.0
+            tau = pm.HalfNormal("tau", 1.0)
+            u = pm.Normal("u", 0.0, tau, shape=10)
+            pm.Poisson("y", pm.math.exp(a + b + u[group]), observed=y)
+        return model
+
+    model = build(True)
+    with pytest.raises(HessianNotPositiveDefiniteError):
+        fit_integrated_laplace(model, random=["u"], draws=50, chains=1, progressbar=False, random_seed=1)
+    with pytest.warns(HessianNotPositiveDefiniteWarning, match="pdHess"):
+        result = fit_integrated_laplace(
+            model, random=["u"], draws=50, chains=1, progressbar=False, random_seed=1, non_positive_definite="warn"
+        )
+    identified = fit_integrated_laplace(build(False), random=["u"], draws=50, chains=1, progressbar=False)
+    table, reference = (t[t["scale"] == "unconstrained"] for t in (summary(result), summary(identified)))
+    assert np.isnan(table.loc["a", "std_error"]) and np.isnan(table.loc["b", "std_error"])
+    assert table.loc["a", "estimate"] + table.loc["b", "estimate"] == pytest.approx(
+        reference.loc["a", "estimate"], abs=1e-5
+    )
+    assert table.loc["tau_log__", "std_error"] == pytest.approx(reference.loc["tau_log__", "std_error"], rel=1e-3)
+    posterior = get_group(result, "posterior")
+    assert np.ptp(posterior["a"].values + posterior["b"].values) > 0  # the identified sum is drawn
+    assert np.ptp(posterior["a"].values - posterior["b"].values) < 1e-8  # the flat difference is not
+    assert get_group(result, "posterior").attrs["not_positive_definite"]
