@@ -323,8 +323,7 @@ def main(out_dir: Path | None = None) -> str:
     """Fit every model, compare with glmmTMB, and return the markdown section (a plot goes to ``out_dir``)."""
     import warnings
 
-    from pymc_laplace import fit_integrated_laplace, summary
-    from pymc_laplace import get_group
+    from pymc_laplace import fit_integrated_laplace, get_group, summary
 
     refs = json.loads(REFERENCE.read_text())
     lines = [

@@ -29,8 +29,7 @@ import pytensor.tensor as pt
 from mixed_models import cbpp
 from scipy import optimize, special
 
-from pymc_laplace import HessianNotPositiveDefiniteError, fit_integrated_laplace, marginal, summary
-from pymc_laplace import get_group
+from pymc_laplace import HessianNotPositiveDefiniteError, fit_integrated_laplace, get_group, marginal, summary
 
 DATA = Path(__file__).resolve().parent / "data"
 
