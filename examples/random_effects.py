@@ -14,6 +14,7 @@ Run as a script (``python examples/random_effects.py --out out``) or through ``e
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ from scipy import optimize, special
 from pymc_laplace import HessianNotPositiveDefiniteError, fit_integrated_laplace, get_group, marginal, summary
 
 DATA = Path(__file__).resolve().parent / "data"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "mixed_models.json"
 
 # Seed 000's printed estimate of beta (hand-derived Newton with tau = 1)
 SEED_000_BETA = np.array(
@@ -127,11 +129,20 @@ def cbpp_section(out_dir: Path) -> str:
     fit = get_group(result, "fit")
     table = summary(result)
     herd_se = fit["random_effects_se"].values
+    # glmmTMB's conditional modes and sdreport SEs (reference/r/cbpp.R), beside ours
+    reference = json.loads(REFERENCE.read_text())["cbpp"]["glmmTMB"]["ranef"]["herd"]["(Intercept)"]
+    herds = np.arange(1, 16)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.errorbar(np.arange(1, 16), fit["random_effects"].values, yerr=1.96 * herd_se, fmt="o", capsize=3)
+    ax.errorbar(herds - 0.12, fit["random_effects"].values, yerr=1.96 * herd_se, fmt="o", capsize=3,
+                label="pymc_laplace")  # fmt: skip
+    ax.errorbar(herds + 0.12, reference["mode"], yerr=1.96 * np.asarray(reference["condsd_sdreport"]), fmt="s",
+                capsize=3, mfc="none", label="glmmTMB")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="herd", ylabel="random intercept u (conditional mode, 95%)",
-           title="cbpp: herd effects with uncertainty including the fixed effects'")  # fmt: skip
+    ax.set(xlabel="herd", ylabel="random intercept u: conditional mode, 95% interval", xticks=herds,
+           title="cbpp herd effects; intervals include the uncertainty of the fixed effects")  # fmt: skip
+    low, high = ax.get_ylim()
+    ax.set_ylim(low - 0.2 * (high - low), high)  # room for the legend below the intervals
+    ax.legend(loc="lower center", ncols=2)
     fig.tight_layout()
     fig.savefig(out_dir / "cbpp_herds.png", dpi=110)
     plt.close(fig)
