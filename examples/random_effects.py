@@ -268,8 +268,10 @@ def urchin_section(out_dir: Path) -> str:
     lo, mid, hi = np.quantile(curves, [0.025, 0.5, 0.975], axis=0)
     d = urchin_data()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.fill_between(ages, lo, hi, alpha=0.25, label="95% band of 5,000 simulated urchins")
-    ax.plot(ages, mid, label="median trajectory")
+    # the curves are expected volumes: the band is the spread of the growth curves between urchins, without the
+    # measurement error of the data, so the points need not fall inside it
+    ax.fill_between(ages, lo, hi, alpha=0.25, label="95% of expected growth curves (random effects drawn; no noise)")
+    ax.plot(ages, mid, label="median expected curve")
     ax.scatter(d["age"], d["vol"], s=10, color="k", label="data")
     ax.set(xlabel="age", ylabel="volume", title="Urchin growth at the maximum-likelihood estimate")
     ax.legend()
