@@ -615,8 +615,7 @@ def compile_joint(
         single = _with_data(functions["pointwise_log_likelihood"], shared)
 
         def pointwise_fn(xs: np.ndarray) -> list[np.ndarray]:
-            rows = [single(xv) for xv in xs]
-            return [np.stack([np.asarray(row[k]) for row in rows]) for k in range(len(pointwise_flat))]
+            return _stack_rows([single(xv) for xv in xs])
 
     model_ref = weakref.ref(model)  # the cache entry must not keep its (weakly held) model alive
 
@@ -1035,11 +1034,15 @@ def _batched_unless_cheap(batched: _LazyFunction, single: Callable, shared: Sequ
             began = time.perf_counter()
             first = single(xs[0])
             if (time.perf_counter() - began) * len(xs) < CHEAP_LOOP_SECONDS:
-                rows = [first, *(single(x) for x in xs[1:])]
-                return [np.stack([np.asarray(row[k]) for row in rows]) for k in range(len(first))]
+                return _stack_rows([first, *(single(x) for x in xs[1:])])
         return vectorised(xs)
 
     return call
+
+
+def _stack_rows(rows: Sequence[Sequence[Any]]) -> list[np.ndarray]:
+    """The outputs of a function called point by point, each stacked over the points: ``(m, ...)``."""
+    return [np.stack([np.asarray(row[k]) for row in rows]) for k in range(len(rows[0]))]
 
 
 def _data_as_inputs(outputs: list[Variable]) -> tuple[list[Variable], list[Any], list[Variable]]:
