@@ -18,6 +18,7 @@ from pymc_laplace import (
     HessianNotPositiveDefiniteError,
     HessianNotPositiveDefiniteWarning,
     InnerNewton,
+    ModelSpecificationError,
     fit_integrated_laplace,
     marginal,
     summary,
@@ -136,3 +137,12 @@ def test_non_positive_definite_hessian_returns_estimates_when_asked():
     assert np.ptp(posterior["a"].values + posterior["b"].values) > 0  # the identified sum is drawn
     assert np.ptp(posterior["a"].values - posterior["b"].values) < 1e-8  # the flat difference is not
     assert get_group(result, "posterior").attrs["not_positive_definite"]
+
+
+def test_unknown_non_positive_definite_option_is_refused():
+    with pm.Model() as model:
+        tau = pm.HalfNormal("tau", 1.0)
+        u = pm.Normal("u", 0.0, tau, shape=3)
+        pm.Normal("y", u, 1.0, observed=[0.1, 0.2, 0.3])
+    with pytest.raises(ModelSpecificationError, match="non_positive_definite"):
+        fit_integrated_laplace(model, random=["u"], non_positive_definite="ignore", progressbar=False)

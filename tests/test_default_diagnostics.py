@@ -13,6 +13,7 @@ import scipy.stats
 
 from pymc_laplace import ApproximationWarning, fit_integrated_laplace, fit_laplace
 from pymc_laplace._compat import get_group, group_names
+from pymc_laplace.diagnostics import check_approximation
 
 Y = np.array([0.3, -0.1, 0.5, 1.2, 0.8])
 Z = np.random.default_rng(0).normal(0.0, 2.0, 400)
@@ -109,3 +110,12 @@ def test_too_few_draws_for_khat_record_nan_without_warning(normal_model):
         warnings.simplefilter("error", ApproximationWarning)
         result = fit_laplace(normal_model, progressbar=False, random_seed=1, draws=12, chains=2)
     assert np.isnan(get_group(result, "posterior").attrs["pareto_k"])
+
+
+def test_invalid_log_densities_are_reported_not_smoothed():
+    log_q = np.zeros(100)
+    log_p = np.random.default_rng(0).normal(size=100)
+    log_p[[3, 7]] = np.nan
+    with pytest.warns(ApproximationWarning, match="2 of 100 draws"):
+        checked = check_approximation(log_p, log_q, advice="")
+    assert np.isnan(checked["pareto_k"]) and np.isnan(checked["importance_ess"])
