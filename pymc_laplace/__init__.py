@@ -13,10 +13,12 @@ from pymc_laplace.errors import (
     OptimizationError,
     StartPointError,
 )
-from pymc_laplace.integrated import OuterOptimizer, fit_integrated_laplace, marginal, summary
+from pymc_laplace.integrated import OuterOptimizer, fit_integrated_laplace, marginal
 from pymc_laplace.laplace import fit_laplace
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.optimize import NewtonOptimizer
+from pymc_laplace.predict import predict
+from pymc_laplace.report import confint, fit_statistics, random_effects, summary
 
 __version__ = "0.1.0"
 
@@ -35,11 +37,15 @@ __all__ = [
     "OuterOptimizer",
     "StartPointError",
     "clear_compile_cache",
+    "confint",
     "fit_integrated_laplace",
     "fit_laplace",
+    "fit_statistics",
     "get_group",
     "importance_resample",
     "marginal",
     "pareto_smooth",
+    "predict",
+    "random_effects",
     "summary",
 ]

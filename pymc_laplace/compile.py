@@ -727,8 +727,12 @@ class CompiledSplit:
         ``theta -> (log prior of theta with its Jacobian, gradient)``.
     natural : callable
         ``theta -> (values, jacobian)``: the outer variables on their natural (constrained) scale, flattened in
-        the order of ``natural_labels``, and the exact Jacobian of that map, shape (n_natural, n_theta).
+        the order of ``natural_labels``, then the quantities of ``derived_labels``, and the exact Jacobian of that
+        map, shape (n_natural + n_derived, n_theta).
     natural_labels : tuple of str
+    derived_labels : tuple of str
+        Functions of ``theta`` alone reported beside it (:func:`derived_quantities`): standard deviations and
+        correlations of LKJ covariance factors, and the model's small Deterministics of ``theta``.
     joint : CompiledJoint
         The whole model compiled as for ``fit_laplace`` (draws, posterior variables, data groups).
     theta_in_joint, b_in_joint : ndarray of int
@@ -755,6 +759,7 @@ class CompiledSplit:
     prior: Callable[[np.ndarray], list[np.ndarray]]
     natural: Callable[[np.ndarray], list[np.ndarray]]
     natural_labels: tuple[str, ...]
+    derived_labels: tuple[str, ...]
     joint: CompiledJoint
     theta_in_joint: np.ndarray
     b_in_joint: np.ndarray
@@ -820,6 +825,8 @@ def compile_split(
         for rv in theta_rvs
         for label in element_labels(rv.name, tuple(rv_shapes[rv.name]), dims.get(rv.name), coords)
     )
+    derived_values, derived_labels = derived_quantities(model, theta_rvs, b_values, point)
+    natural_values = [*natural_values, *derived_values]
     natural_flat = pt.concatenate([pt.flatten(v) for v in natural_values]) if natural_values else pt.zeros(0)
     [l_b, prior_b, natural_b, obs_b], b = join_nonshared_inputs(
         point, [joint_density, prior_density, natural_flat, observed_density], b_values
@@ -876,6 +883,7 @@ def compile_split(
         prior=bound["prior"],
         natural=bound["natural"],
         natural_labels=natural_labels,
+        derived_labels=derived_labels,
         joint=joint,
         theta_in_joint=layout.indices(list(theta_layout.names)) if theta_values else np.zeros(0, dtype=int),
         b_in_joint=layout.indices(list(b_layout.names)),
@@ -883,6 +891,74 @@ def compile_split(
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled
     return compiled
+
+
+MAX_DERIVED_ELEMENTS = 100
+
+
+def _lkj_factor_size(rv: pt.TensorVariable) -> int | None:
+    """``n`` of an ``LKJCholeskyCov`` variable (its value is the packed ``n x n`` lower Cholesky factor), else None."""
+    op = rv.owner.op if rv.owner is not None else None
+    if type(op).__name__ != "_LKJCholeskyCovRV":
+        return None
+    n = next((x for x in rv.owner.inputs if getattr(x.type, "dtype", "").startswith("int") and x.ndim == 0), None)
+    try:
+        return int(constant_fold([n])[0]) if n is not None else None
+    except Exception:  # an ``n`` that is not a constant: no derived rows, the packed factor is still reported
+        return None
+
+
+def derived_quantities(
+    model: pm.Model,
+    theta_rvs: Sequence[pt.TensorVariable],
+    b_values: Sequence[Variable],
+    point: Mapping[str, np.ndarray],
+) -> tuple[list[Variable], tuple[str, ...]]:
+    """Functions of the outer parameters alone, reported with delta-method standard errors.
+
+    - For each ``LKJCholeskyCov`` among them: the standard deviations ``{name}_stds[i]`` and the correlations
+      ``{name}_corr[i, j]`` (``i < j``) of the covariance ``L L^T`` (glmmTMB's ``VarCorr``), whether or not the
+      model asked for ``compute_corr``.
+    - Every Deterministic of at most ``MAX_DERIVED_ELEMENTS`` elements that depends on no random effect (a
+      variance ``sigma**2``, an intraclass correlation, a back-transformed coefficient).
+
+    Returns graphs in the value variables of the model and their element labels (C order).
+    """
+    values, labels, taken = [], [], set()
+    for rv in theta_rvs:
+        n = _lkj_factor_size(rv)
+        if n is None or n < 1:
+            continue
+        [packed] = model.replace_rvs_by_values([rv])
+        factor = pm.expand_packed_triangular(n, packed, lower=True)
+        covariance = factor @ factor.T
+        stds = pt.sqrt(pt.diag(covariance))
+        rows, columns = np.triu_indices(n, k=1)
+        correlations = covariance[rows, columns] / (stds[rows] * stds[columns])
+        values += [stds, correlations]
+        labels += [f"{rv.name}_stds[{i}]" for i in range(n)]
+        labels += [f"{rv.name}_corr[{i}, {j}]" for i, j in zip(rows, columns, strict=True)]
+        taken |= {f"{rv.name}_stds", f"{rv.name}_corr"}
+    b_set = set(b_values)
+    coords, dims = model.coords, model.named_vars_to_dims
+    for deterministic in model.deterministics:
+        if deterministic.name in taken:
+            continue
+        [graph] = model.replace_rvs_by_values([deterministic])
+        if any(var in b_set for var in graph_inputs([graph])):
+            continue
+        shape = graph.type.shape
+        if any(length is None for length in shape):
+            try:
+                givens = {var: point[var.name] for var in graph_inputs([graph]) if var.name in point}
+                shape = tuple(int(length) for length in graph.shape.eval(givens, on_unused_input="ignore"))
+            except Exception:  # a shape that cannot be worked out before the fit: not reported
+                continue
+        if int(np.prod(shape, dtype=int)) > MAX_DERIVED_ELEMENTS or graph.dtype.startswith(("int", "uint", "bool")):
+            continue
+        values.append(pt.as_tensor(graph).astype(pytensor.config.floatX))
+        labels += element_labels(deterministic.name, tuple(shape), dims.get(deterministic.name), coords)
+    return values, tuple(labels)
 
 
 def _split_functions(

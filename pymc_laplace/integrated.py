@@ -9,13 +9,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import pymc as pm
 import scipy.linalg
 import scipy.optimize
 import scipy.stats
 
-from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
 from pymc_laplace.blocks import BlockStructure
 from pymc_laplace.compile import compile_seconds, compile_split, resolve_variables, validate_arguments
@@ -27,6 +25,7 @@ from pymc_laplace.errors import (
     HessianNotPositiveDefiniteWarning,
     ModelSpecificationError,
 )
+from pymc_laplace.formulas import bambi_pymc_model, is_bambi_model
 from pymc_laplace.gaussian import FLAT_DIRECTION_RTOL, LOG_2PI, describe_direction, gaussian_from_precision
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
@@ -363,9 +362,9 @@ def likelihood_start(
 
 
 def fit_integrated_laplace(
-    model: pm.Model | None = None,
+    model: pm.Model | Any | None = None,
     *,
-    random: Sequence[Any],
+    random: Sequence[Any] | None = None,
     method: Literal["ml", "map"] = "ml",
     draws: int = 1000,
     chains: int = 4,
@@ -390,9 +389,13 @@ def fit_integrated_laplace(
 
     Parameters
     ----------
-    model : pm.Model, optional
+    model : pm.Model or bambi.Model, optional
+        A bambi model (``bmb.Model("y ~ x + (1 | g)", data)``) is fitted as glmmTMB fits its formula: with the
+        predictors uncentred and each group-specific term a free variable named as bambi names it (``"1|g"``),
+        integrated out by default (:func:`pymc_laplace.formulas.bambi_pymc_model`); the result is what bambi's
+        ``predict`` and plots read.
     random : sequence of str or variables
-        The latent variables to integrate out.
+        The latent variables to integrate out; for a bambi model, by default its group-specific terms.
     method : {"ml", "map"}
     draws, chains : int
         Posterior draws: ``theta ~ N(theta^, cov)`` and, for each, ``b | theta ~ N(b^(theta), Q^-1)``.
@@ -438,6 +441,11 @@ def fit_integrated_laplace(
             f"`non_positive_definite` must be 'raise' or 'warn', not {non_positive_definite!r}."
         )
     started, compile_before = time.perf_counter(), compile_seconds()
+    if is_bambi_model(model):
+        model, bambi_random = bambi_pymc_model(model)
+        random = bambi_random if random is None else random
+    if random is None:
+        raise ModelSpecificationError(f"`random` is missing. {_NO_RANDOM}")
     model = validate_arguments(model, draws=draws, chains=chains, ridge=ridge)
     random_values = resolve_variables(model, random, argument="random", if_empty=_NO_RANDOM)
     if len(random_values) == len(model.free_RVs):
@@ -643,6 +651,8 @@ def fit_integrated_laplace(
     natural_jac = np.atleast_2d(natural_jac)
     natural_se = np.sqrt(np.einsum("ij,jk,ik->i", natural_jac, covariance, natural_jac))
     natural_se[np.any(natural_jac[:, undefined] != 0, axis=1)] = np.nan
+    natural_values = np.atleast_1d(natural_values)
+    n_natural = len(compiled.natural_labels)
     attrs = {
         "method": f"integrated_laplace_{method}",
         "random": list(compiled.b_layout.names),
@@ -651,6 +661,9 @@ def fit_integrated_laplace(
         "boundary": described,
         "not_positive_definite": not_positive,
         "failed_theta_draws": len(failed),
+        # levels of each random effect in `random`: the length of its first axis (glmmTMB's "groups: ...")
+        "random_levels": [int(shape[0]) if len(shape) else 1 for shape in compiled.b_layout.shapes],
+        "random_sizes": [int(np.prod(shape, dtype=int)) for shape in compiled.b_layout.shapes],
         **checked,
         # wall-clock seconds of this call: compiling (graphs built and compiled, none when reused), fitting (outer
         # optimisation, standard errors) and drawing, each without the compiling done within it
@@ -670,6 +683,8 @@ def fit_integrated_laplace(
             "objective": outer.objective,
             "aic": 2.0 * n_params - 2.0 * log_lik,
             "bic": np.log(max(n_obs, 1)) * n_params - 2.0 * log_lik,
+            "df": n_params,
+            "nobs": n_obs,
         },
         labels=theta_labels,
         optimizer={
@@ -690,8 +705,10 @@ def fit_integrated_laplace(
         extra_fit={
             "random_effects": (("random_rows",), solution.b, compiled.b_layout.labels),
             "random_effects_se": (("random_rows",), np.sqrt(b_var), compiled.b_layout.labels),
-            "natural_estimate": (("natural_rows",), np.atleast_1d(natural_values), compiled.natural_labels),
-            "natural_std_error": (("natural_rows",), np.atleast_1d(natural_se), compiled.natural_labels),
+            "natural_estimate": (("natural_rows",), natural_values[:n_natural], compiled.natural_labels),
+            "natural_std_error": (("natural_rows",), natural_se[:n_natural], compiled.natural_labels),
+            "derived_estimate": (("derived_rows",), natural_values[n_natural:], compiled.derived_labels),
+            "derived_std_error": (("derived_rows",), natural_se[n_natural:], compiled.derived_labels),
         },
     )
     return result
@@ -702,51 +719,3 @@ INTEGRATED_ADVICE = (
     "groups, binary data, a variance near 0): importance_resample(result) corrects the draws only when k-hat <= 0.7; "
     "otherwise give the variances priors (method='map'), or sample with NUTS."
 )
-
-
-def summary(result: Any, *, level: float = 0.95) -> pd.DataFrame:
-    """Estimates, standard errors, z and p values and Wald intervals of the outer parameters, on the unconstrained
-    and the natural scale (glmmTMB's and lme4's coefficient table).
-
-    Natural-scale standard errors use the delta method with the exact Jacobian of the transforms (TMB's
-    ``ADREPORT``). Works on the results of ``fit_integrated_laplace`` and ``fit_laplace`` (the latter has only
-    the unconstrained scale).
-
-    Parameters
-    ----------
-    result : InferenceData or DataTree
-    level : float
-        Coverage of the Wald intervals ``estimate -+ z_(1+level)/2 * std_error``, on the scale of each row.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by label, with columns ``estimate``, ``std_error``, ``z_value`` (estimate / std_error), ``p_value``
-        (two-sided, standard normal, as glmmTMB's ``Pr(>|z|)``), ``ci_lower``, ``ci_upper`` and ``scale``. NaN where
-        a standard error is not defined (a boundary fit).
-    """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"`level` must be in (0, 1), not {level!r}.")
-    fit = get_group(result, "fit")
-    rows = [
-        (str(label), float(est), float(np.sqrt(var)), "unconstrained")
-        for label, est, var in zip(
-            fit["rows"].values, fit["mean_vector"].values, np.diag(fit["covariance_matrix"].values), strict=True
-        )
-    ]
-    if "natural_estimate" in fit:
-        rows += [
-            (str(label), float(est), float(se), "natural")
-            for label, est, se in zip(
-                fit["natural_rows"].values, fit["natural_estimate"].values, fit["natural_std_error"].values, strict=True
-            )
-        ]
-    frame = pd.DataFrame(rows, columns=["label", "estimate", "std_error", "scale"]).set_index("label")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = frame["estimate"] / frame["std_error"]
-    half_width = scipy.stats.norm.ppf(0.5 + level / 2.0) * frame["std_error"]
-    frame.insert(2, "z_value", z)
-    frame.insert(3, "p_value", 2.0 * scipy.stats.norm.sf(np.abs(z)))
-    frame.insert(4, "ci_lower", frame["estimate"] - half_width)
-    frame.insert(5, "ci_upper", frame["estimate"] + half_width)
-    return frame
