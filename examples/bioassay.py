@@ -169,14 +169,23 @@ NUTS {_interval(nuts_beta, 0.95)}, Laplace {_interval(weak_beta, 0.95)}.
 """
 
 
+def _hpd_levels(density: np.ndarray, masses: tuple[float, ...] = (0.99, 0.9, 0.5)) -> np.ndarray:
+    """Density thresholds of the highest-density regions holding ``masses`` of a grid density (increasing)."""
+    ordered = np.sort(density.ravel())[::-1]
+    cumulative = np.cumsum(ordered) / ordered.sum()
+    return np.array([ordered[np.searchsorted(cumulative, mass)] for mass in masses])
+
+
 def _plot_joint(grid, flat, nuts, grid_weak, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, g, draws, label, title in (
         (axes[0], grid, flat, "Laplace draws", "Flat prior: exact posterior vs Laplace"),
         (axes[1], grid_weak, nuts, "NUTS draws", "Weak prior: exact posterior vs NUTS"),
     ):
-        levels = np.quantile(g["density"][g["density"] > 0], [0.9, 0.99, 0.999])
-        ax.contour(g["a"], g["b"], g["density"].T, levels=np.sort(levels), colors="k", linewidths=1)
+        contours = ax.contour(g["a"], g["b"], g["density"].T, levels=list(_hpd_levels(g["density"])), colors="k",
+                              linewidths=1)  # fmt: skip
+        ax.clabel(contours, fmt=dict(zip(contours.levels, ("99%", "90%", "50%"), strict=True)), fontsize=8)
+        ax.plot([], [], color="k", lw=1, label="exact posterior: 50/90/99% regions")
         post = get_group(draws, "posterior")
         ax.scatter(post["alpha"].values.ravel()[:1500], post["beta"].values.ravel()[:1500], s=3, alpha=0.3,
                    label=label)  # fmt: skip
