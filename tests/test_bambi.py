@@ -128,3 +128,17 @@ def test_a_bambi_model_without_group_terms_is_refused():
     data = pd.read_csv(data_path("sleepstudy.csv"))
     with pytest.raises(ModelSpecificationError, match="no group-specific terms"):
         fit_integrated_laplace(bmb.Model("Reaction ~ Days", data), progressbar=False)
+
+
+def test_bambis_interpret_plots_read_the_result(fitted, tmp_path):
+    """bambi.interpret (conditional predictions, the table behind plot_predictions) on our result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model, result = fitted("cbpp")
+    predictions = bmb.interpret.predictions(model, result, conditional="period")
+    frame = predictions if isinstance(predictions, pd.DataFrame) else predictions.summary
+    frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+    assert len(frame) == 4
+    plotted = bmb.interpret.plot_predictions(model, result, conditional="period")
+    assert plotted is not None
