@@ -33,6 +33,7 @@ from pytensor.tensor.sharedvar import TensorSharedVariable
 
 from pymc_laplace import function_cache
 from pymc_laplace.errors import ModelSpecificationError, StartPointError
+from pymc_laplace.ops import with_fast_kernels
 
 
 @dataclass(frozen=True)
@@ -1071,7 +1072,8 @@ class _LazyFunction:
     def _compile(self) -> Callable:
         inputs = self.inputs() if callable(self.inputs) else self.inputs
         graphs = self.outputs() if callable(self.outputs) else self.outputs
-        return compile_graph(inputs, graphs, **self.options)
+        options = {**self.options, "mode": with_fast_kernels(self.options.get("mode"))}
+        return compile_graph(inputs, graphs, **options)
 
     def __call__(self, *args: Any, **named: Any) -> Any:
         if self.function is None:
