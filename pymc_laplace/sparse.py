@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
@@ -53,6 +53,12 @@ class SparsePattern:
     backend : {"cholmod", "superlu"}
     slots : ndarray of int
         Flat index into the compressed products ``(K, n)`` where each entry is read (``structure.recovery_slots``).
+    csc_indptr, csc_indices, csc_slots, csc_partner_slots, csc_diagonal : ndarray of int
+        The same entries in compressed-column order, each with the slot of its transposed entry and the positions of
+        the diagonal: ``Q`` is assembled from the products without a format conversion.
+    symbolic : dict
+        CHOLMOD's symbolic analysis of the pattern, made at the first factorisation and reused by the others (the
+        fill-reducing ordering and the elimination tree depend on the pattern only).
     """
 
     n: int
@@ -61,6 +67,12 @@ class SparsePattern:
     colors: np.ndarray
     backend: SparseBackend
     slots: np.ndarray
+    csc_indptr: np.ndarray
+    csc_indices: np.ndarray
+    csc_slots: np.ndarray
+    csc_partner_slots: np.ndarray
+    csc_diagonal: np.ndarray
+    symbolic: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_colors(self) -> int:
@@ -76,12 +88,12 @@ class SparsePattern:
 
     def assemble(self, compressed: np.ndarray, shift: float = 0.0) -> sp.csc_matrix:
         """``Q + shift I`` as a sparse matrix from the compressed products ``(K, n)`` of ``Q``."""
-        values = np.asarray(compressed).ravel()[self.slots]
-        q = sp.csc_matrix((values, (self.rows, self.cols)), shape=(self.n, self.n))
-        q = (q + q.T) * 0.5  # exact products are symmetric to rounding; the factorisations assume symmetry
+        flat = np.asarray(compressed, dtype=float).ravel()
+        # exact products are symmetric to rounding; the factorisations assume symmetry
+        values = 0.5 * (flat[self.csc_slots] + flat[self.csc_partner_slots])
         if shift:
-            q = q + shift * sp.eye(self.n, format="csc")
-        return sp.csc_matrix(q)
+            values[self.csc_diagonal] += shift
+        return sp.csc_matrix((values, self.csc_indices, self.csc_indptr), shape=(self.n, self.n))
 
 
 def sparse_pattern(pattern: sp.spmatrix, colors: np.ndarray, backend: SparseBackend) -> SparsePattern:
@@ -89,8 +101,22 @@ def sparse_pattern(pattern: sp.spmatrix, colors: np.ndarray, backend: SparseBack
     if slot_matrix is None:
         raise ModelSpecificationError("The colouring does not determine every entry of the Hessian pattern.")
     coo = slot_matrix.tocoo()
-    return SparsePattern(pattern.shape[0], coo.row.astype(np.int64), coo.col.astype(np.int64),
-                         np.asarray(colors, dtype=np.int64), backend, coo.data.astype(np.int64) - 1)  # fmt: skip
+    n = pattern.shape[0]
+    rows, cols, slots = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data.astype(np.int64) - 1
+    by_column = np.lexsort((rows, cols))
+    csc_rows, csc_cols, csc_slots = rows[by_column], cols[by_column], slots[by_column]
+    keys = csc_cols * n + csc_rows  # increasing
+    partner = np.searchsorted(keys, csc_rows * n + csc_cols)
+    if np.any(partner >= keys.size) or np.any(keys[np.minimum(partner, keys.size - 1)] != csc_rows * n + csc_cols):
+        raise ModelSpecificationError("The Hessian pattern is not symmetric.")
+    diagonal = np.flatnonzero(csc_rows == csc_cols)
+    if diagonal.size != n:
+        raise ModelSpecificationError("The Hessian pattern lacks diagonal entries.")
+    return SparsePattern(
+        n, rows, cols, np.asarray(colors, dtype=np.int64), backend, slots,
+        csc_indptr=np.searchsorted(csc_cols, np.arange(n + 1)), csc_indices=csc_rows, csc_slots=csc_slots,
+        csc_partner_slots=csc_slots[partner], csc_diagonal=diagonal,
+    )  # fmt: skip
 
 
 class NotPositiveDefinite(Exception):
@@ -110,19 +136,31 @@ class SparseFactor:
     structure : SparsePattern
     order : ndarray of int
         The fill-reducing permutation.
-    lower : scipy.sparse.csc_matrix
-        The lower Cholesky factor, sorted indices, the diagonal first in every column.
+    make_lower : callable
+        ``() -> lower``: the lower Cholesky factor (scipy csc, sorted indices, the diagonal first in every column),
+        built when first asked for (:attr:`lower`): the selected inverse of a fit needs it, a draw does not.
     solve_original : callable
         ``rhs -> Q^-1 rhs`` in the original order, for ``rhs`` of shape (n,) or (n, k).
+    log_pivots : ndarray
+        ``log`` of the squared diagonal of ``lower`` (its sum is ``log det Q``).
+    transposed_inverse : callable, optional
+        ``z -> P^T L^-T z`` straight from the factorisation (a draw from ``N(0, Q^-1)`` for standard normal ``z``);
+        by default it goes through :attr:`lower`.
     """
 
     structure: SparsePattern
     order: np.ndarray
-    lower: sp.csc_matrix
+    make_lower: Callable[[], sp.csc_matrix]
     solve_original: Callable[[np.ndarray], np.ndarray]
+    log_pivots: np.ndarray
+    transposed_inverse: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @cached_property
+    def lower(self) -> sp.csc_matrix:
+        return self.make_lower()
 
     def log_det(self) -> float:
-        return float(2.0 * np.sum(np.log(self.lower.diagonal())))
+        return float(np.sum(self.log_pivots))
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """``Q^-1 rhs`` for ``rhs`` of shape (n,) or (n, k)."""
@@ -133,9 +171,12 @@ class SparseFactor:
 
         ``L^-T z = (L L^T)^-1 L z``: one sparse product and one solve, whatever the backend.
         """
-        lz = np.empty_like(z, dtype=float)
-        lz[self.order] = self.lower @ z  # L z, taken back to the original order
-        draw = self.solve(lz)
+        if self.transposed_inverse is not None:
+            draw = self.transposed_inverse(np.asarray(z, dtype=float))
+        else:
+            lz = np.empty_like(z, dtype=float)
+            lz[self.order] = self.lower @ z  # L z, taken back to the original order
+            draw = self.solve(lz)
         log_density = 0.5 * self.log_det() - 0.5 * mean.size * np.log(2.0 * np.pi) - 0.5 * float(z @ z)
         return mean + draw, log_density
 
@@ -252,20 +293,35 @@ def factor_sparse_matrix(q: sp.csc_matrix, structure: SparsePattern) -> SparseFa
 
 
 def _factor_cholmod(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
-    from sksparse.cholmod import CholmodError, cholesky
+    from sksparse.cholmod import CholmodError, analyze
 
     try:  # simplicial LDL^T: it completes on indefinite matrices, whose D then has a pivot <= 0
-        factor = cholesky(q, ordering_method="amd", mode="simplicial")
-        unit_lower, pivots = factor.L_D()
+        symbolic = structure.symbolic.get("cholmod")
+        if symbolic is None:
+            symbolic = structure.symbolic["cholmod"] = analyze(q, ordering_method="amd", mode="simplicial")
+        factor = symbolic.cholesky(q)
+        pivots = np.asarray(factor.D(), dtype=float)
     except CholmodError as err:
         raise NotPositiveDefinite(0) from err
     order = np.asarray(factor.P(), dtype=np.int64)
-    pivots = pivots.diagonal()
     if np.any(~(pivots > 0)):
         raise NotPositiveDefinite(int(order[np.flatnonzero(~(pivots > 0))[0]]))
-    lower = sp.csc_matrix(unit_lower @ sp.diags(np.sqrt(pivots)))
-    lower.sort_indices()
-    return SparseFactor(structure, order, lower, factor.solve_A)
+    root = np.sqrt(pivots)
+
+    def make_lower() -> sp.csc_matrix:
+        unit_lower, _ = factor.L_D()
+        lower = sp.csc_matrix(unit_lower @ sp.diags(root))
+        lower.sort_indices()
+        return lower
+
+    def transposed_inverse(z: np.ndarray) -> np.ndarray:
+        # L = L1 D^1/2 with L1 unit lower: L^-T z = L1^-T (D^-1/2 z), then back to the original order
+        permuted = np.asarray(factor.solve_Lt(z / root, use_LDLt_decomposition=True), dtype=float)
+        out = np.empty_like(permuted)
+        out[order] = permuted
+        return out
+
+    return SparseFactor(structure, order, make_lower, factor.solve_A, np.log(pivots), transposed_inverse)
 
 
 def _factor_superlu(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
@@ -282,7 +338,7 @@ def _factor_superlu(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
         raise NotPositiveDefinite(int(order[np.flatnonzero(~(pivots > 0))[0]]))
     lower = sp.csc_matrix(upper.T @ sp.diags(1.0 / np.sqrt(pivots)))
     lower.sort_indices()
-    return SparseFactor(structure, order, lower, lu.solve)
+    return SparseFactor(structure, order, lambda: lower, lu.solve, np.log(pivots))
 
 
 def factor_sparse(structure: SparsePattern, q_compressed: np.ndarray) -> tuple[SparseFactor | None, np.ndarray]:
