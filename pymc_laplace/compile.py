@@ -707,6 +707,8 @@ class CompiledSplit:
         Colouring of the symmetric ``pattern``: star or column, whichever needs fewer colours.
     joint_value : callable
         ``(b, theta) -> l``.
+    joint_grad : callable
+        ``(b, theta) -> (l, dl/db)``: no Hessian products (the chord steps of the draws).
     joint_newton : callable
         ``(b, theta) -> (l, dl/db, HV)`` with ``HV[c] = (d2l/db2) @ indicator(colour c)``, shape (K, n_b).
     joint_value_batched, joint_newton_batched : callable
@@ -750,6 +752,7 @@ class CompiledSplit:
     pattern_data: tuple[tuple[Any, np.ndarray], ...]
     repattern: Callable[[], Any]
     joint_value: Callable[[np.ndarray, np.ndarray], float]
+    joint_grad: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
     joint_newton: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
     joint_value_batched: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
     joint_newton_batched: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None
@@ -872,6 +875,7 @@ def compile_split(
         pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
         repattern=lambda: walk_hessian_pattern(walked_joint, b, walk_point, warn=False).pattern,
         joint_value=bound["joint_value"],
+        joint_grad=bound["joint_grad"],
         joint_value_batched=bound["joint_value_batched"] if batchable else None,
         joint_newton_batched=(
             functools.partial(bound["joint_newton_batched"], directions=indicators) if batchable else None
@@ -1011,6 +1015,7 @@ def _split_functions(
 
         return {
             "joint_value": ([*data, b, theta], joint_lp),
+            "joint_grad": ([*data, b, theta], [joint_lp, grad_b]),
             "joint_newton": ([*data, b, theta, directions], [joint_lp, grad_b, hv]),
             "joint_value_batched": ([*data, b_batch, theta_batch], batched(joint_lp)),
             "joint_newton_batched": ([*data, b_batch, theta_batch, directions], batched([joint_lp, grad_b, hv])),
@@ -1033,7 +1038,7 @@ def _split_functions(
         [b, theta, *data], [joint_lp, prior, natural, loglik], "split", stacked_colors, sorted(kwargs.items())
     )
     names = (
-        "joint_value", "joint_newton", "joint_value_batched", "joint_newton_batched", "outer_terms",
+        "joint_value", "joint_grad", "joint_newton", "joint_value_batched", "joint_newton_batched", "outer_terms",
         "mixed_product", "cross_product", "likelihood", "prior", "natural",
     )  # fmt: skip
     return {

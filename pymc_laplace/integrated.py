@@ -579,7 +579,9 @@ def fit_integrated_laplace(
         for attempt in range(int(first_failure is not None), MAX_REDRAWS + 1):
             try:
                 # started from the linear prediction of the mode: most draws then need one or two Newton steps
-                sol = laplace.solve_inner(theta_draws[i], start=solution.b + jac @ (theta_draws[i] - outer.theta))
+                sol = laplace.solve_inner(
+                    theta_draws[i], start=solution.b + jac @ (theta_draws[i] - outer.theta), chord=solution.factor
+                )
                 break
             except InnerSolveError as err:
                 if attempt == MAX_REDRAWS:

@@ -41,6 +41,8 @@ LOG_2PI = float(np.log(2.0 * np.pi))
 LARGEST_DENSE_BLOCK = 200
 # Up to this many random effects, d b^/d theta is assembled column by column from the compiled mixed product.
 MIXED_PRODUCT_COLUMNS = 2000
+# chord steps (a fixed factor, gradients only) tried before Newton's method in the inner solves of the draws
+CHORD_MAX_STEPS = 30
 
 
 class InnerSolveError(LaplaceError):
@@ -176,14 +178,23 @@ class LaplaceMarginal:
         return layout.join(point)
 
     # -- vector interface
-    def solve_inner(self, theta: np.ndarray, start: np.ndarray | None = None) -> InnerSolution:
+    def solve_inner(
+        self, theta: np.ndarray, start: np.ndarray | None = None, *, chord: Any | None = None
+    ) -> InnerSolution:
         """The conditional mode of the random effects at ``theta``, started from ``start`` (default: the last
-        solution)."""
+        solution).
+
+        ``chord``: a factor of ``Q`` near this ``theta`` (the estimate's, for the draws): gradient-only steps with it
+        come first (:meth:`_chord`), and Newton's method then finishes, usually by one evaluation that confirms
+        convergence. The mode and the convergence test are those of Newton's method alone.
+        """
         theta = np.asarray(theta, dtype=float)
         self.check_data()
         if self._last is not None and np.array_equal(self._last.theta, theta):
             return self._last
         first = self._warm_start if start is None else np.asarray(start, dtype=float)
+        if chord is not None:
+            first = self._chord(theta, first, chord)
         solution = self._newton(theta, first.copy())
         self._warm_start = solution.b.copy()
         self._last = solution
@@ -353,6 +364,26 @@ class LaplaceMarginal:
             + ". The conditional mode may not exist there (e.g. a random effect that the data do not constrain "
             "with a variance that is too large); check the model or start the outer parameters elsewhere."
         )
+
+    def _chord(self, theta: np.ndarray, b: np.ndarray, factor: Any) -> np.ndarray:
+        """Chord steps ``b += Q0^-1 dl/db`` with a fixed factor while each at least halves the gradient.
+
+        Each costs one gradient, against the ``n_colors`` Hessian-vector products and the factorisation of a Newton
+        step; from the linear prediction of a draw's mode they converge in a few steps. The first step that does not
+        halve the gradient is not taken: Newton's method goes on from the last point.
+        """
+        value, grad = self.compiled.joint_grad(b, theta)
+        norm = float(np.max(np.abs(grad), initial=0.0))
+        for _ in range(CHORD_MAX_STEPS):
+            if not (np.isfinite(value) and np.isfinite(norm)) or norm <= self.inner.gtol:
+                break
+            trial = b + factor.solve(grad)
+            trial_value, trial_grad = self.compiled.joint_grad(trial, theta)
+            trial_norm = float(np.max(np.abs(trial_grad), initial=0.0))
+            if not (np.isfinite(trial_value) and trial_value >= value and trial_norm <= 0.5 * norm):
+                break
+            b, value, grad, norm = trial, trial_value, trial_grad, trial_norm
+        return b
 
     def _describe(self, theta: np.ndarray) -> str:
         labels = self.compiled.theta_layout.labels
