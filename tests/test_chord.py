@@ -1,0 +1,51 @@
+"""The chord steps of the draws' inner solves change where the solve ends (nothing) and how it gets there (fewer
+Hessian products), on a crossed design (sparse factor) and on random intercepts (blocks)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pymc_laplace import fit_integrated_laplace, get_group
+
+
+@pytest.mark.parametrize("name", ["penicillin", "cbpp"])
+def test_chord_steps_end_at_newtons_mode(mixed_marginal, name):
+    model, random, laplace = mixed_marginal(name)
+    result = fit_integrated_laplace(
+        model, random=random, draws=10, chains=1, random_seed=1, progressbar=False, compiled_marginal=laplace
+    )
+    theta_hat = get_group(result, "fit")["mean_vector"].values
+    at_estimate = laplace.solve_inner(theta_hat)
+    jacobian = laplace.mode_jacobian(theta_hat)
+    calls = {"newton": 0}
+    newton = laplace.compiled.joint_newton
+
+    def counted(*args, **kwargs):
+        calls["newton"] += 1
+        return newton(*args, **kwargs)
+
+    original = laplace.compiled
+    laplace.compiled = dataclasses.replace(original, joint_newton=counted)
+    try:
+        rng = np.random.default_rng(0)
+        covariance = get_group(result, "fit")["covariance_matrix"].values
+        with_chord, without = 0, 0
+        for theta in rng.multivariate_normal(theta_hat, covariance, size=5):
+            start = at_estimate.b + jacobian @ (theta - theta_hat)
+            calls["newton"] = 0
+            plain = laplace._newton(theta, start.copy())
+            without += calls["newton"]
+            calls["newton"] = 0
+            laplace._last = None
+            chorded = laplace.solve_inner(theta, start=start, chord=at_estimate.factor)
+            with_chord += calls["newton"]
+            np.testing.assert_allclose(chorded.b, plain.b, rtol=1e-7, atol=1e-8)
+            assert chorded.log_marginal == pytest.approx(plain.log_marginal, abs=1e-8)
+        assert with_chord < without
+    finally:
+        laplace.compiled = original
+        laplace._last = None
+        laplace.solve_inner(theta_hat)
