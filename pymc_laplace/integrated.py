@@ -599,11 +599,14 @@ def fit_integrated_laplace(
 
     n_draws, n_b = theta_draws.shape[0], solution.b.size
     with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
-        began = time.perf_counter()
+        began, compile_began = time.perf_counter(), compile_seconds()
         draw_one(0)
         bar.update(advance=1)
-        # batched when the draws one at a time would take long enough to pay for compiling the batched graphs
-        batched = (time.perf_counter() - began) * n_draws > CHEAP_DRAWS_SECONDS
+        # batched when the draws one at a time would take long enough to pay for compiling the batched graphs; the
+        # first draw's time without what it compiled (the chord steps' gradient), so that the choice, and with it
+        # the draws, are the same whether the functions were compiled or loaded
+        first_draw = (time.perf_counter() - began) - (compile_seconds() - compile_began)
+        batched = first_draw * n_draws > CHEAP_DRAWS_SECONDS
         batched &= compiled.joint_newton_batched is not None and isinstance(laplace.structure, BlockStructure)
         if batched:
             # all theta draws at once, in batches: one compiled call per Newton step for the whole batch, started
