@@ -580,7 +580,7 @@ def fit_integrated_laplace(
             try:
                 # started from the linear prediction of the mode: most draws then need one or two Newton steps
                 sol = laplace.solve_inner(
-                    theta_draws[i], start=solution.b + jac @ (theta_draws[i] - outer.theta), chord=solution.factor
+                    theta_draws[i], start=solution.b + jac @ (theta_draws[i] - outer.theta), chord=chord
                 )
                 break
             except InnerSolveError as err:
@@ -597,6 +597,9 @@ def fit_integrated_laplace(
         unconstrained[i, compiled.b_in_joint] = b_draw
         log_q[i] = log_q_b
 
+    # chord steps where a Newton step is dear: a sparse factorisation and many Hessian products (crossed effects,
+    # random walks); independent blocks factorise for less than compiling the gradient the chord steps need
+    chord = None if isinstance(laplace.structure, BlockStructure) else solution.factor
     n_draws, n_b = theta_draws.shape[0], solution.b.size
     with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
         began, compile_began = time.perf_counter(), compile_seconds()
