@@ -12,7 +12,6 @@ import numpy as np
 import pymc as pm
 import scipy.linalg
 import scipy.optimize
-import scipy.stats
 
 from pymc_laplace._progress import progress_bar
 from pymc_laplace.blocks import BlockStructure
