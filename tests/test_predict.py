@@ -82,3 +82,28 @@ def test_predict_refuses_what_it_cannot_do(cbpp_fit):
         predict(result, model=model, var_names="eta", new_data={"z": np.ones(3)})
     with pytest.raises(ValueError, match="level"):
         predict(result, model=model, var_names="eta", level=1.5)
+
+
+def test_random_effects_off_needs_an_integrated_fit_and_untransformed_effects():
+    """random_effects=False sets the integrated random effects to zero: refused for a fit_laplace result (nothing was
+    integrated out) and for a random effect whose zero is not 'no effect' (a transformed one)."""
+    from pymc_laplace import fit_laplace
+
+    x = np.linspace(-1.0, 1.0, 12)
+    with pm.Model() as plain:
+        x_data = pm.Data("x_data", x)
+        slope = pm.Normal("slope", 0.0, 1.0)
+        pm.Deterministic("mean", slope * x_data)
+        pm.Normal("y", slope * x_data, 1.0, observed=0.5 * x, shape=x_data.shape)
+        result = fit_laplace(draws=30, chains=1, random_seed=1, progressbar=False)
+    with pytest.raises(ModelSpecificationError, match="not of fit_integrated_laplace"):
+        predict(result, model=plain, var_names="mean", random_effects=False)
+    group = np.repeat(np.arange(4), 3)
+    with pm.Model() as scaled:
+        sd = pm.HalfNormal("sd", 1.0)
+        scale = pm.LogNormal("scale", 0.0, sd, shape=4)
+        pm.Deterministic("rate", scale[group])
+        pm.Poisson("count", scale[group], observed=np.array([1, 2, 1, 3, 2, 2, 0, 1, 1, 4, 3, 5]))
+        fitted = fit_integrated_laplace(random=["scale"], draws=20, chains=1, random_seed=1, progressbar=False)
+    with pytest.raises(ModelSpecificationError, match="has a transform"):
+        predict(fitted, model=scaled, var_names="rate", random_effects=False)

@@ -167,3 +167,18 @@ def test_report_functions_refuse_a_plain_laplace_fit(bioassay_data):
             call(result)
     with pytest.raises(ValueError, match="level"):
         confint(result, level=95)
+
+
+def test_profile_refuses_a_model_other_than_the_one_fitted(fitted, mixed_marginal):
+    _, result = fitted("cbpp")
+    other, _, _ = mixed_marginal("penicillin")
+    with pytest.raises(ModelSpecificationError, match="not a free variable"):
+        confint(result, method="profile", model=other, progressbar=False)
+
+
+def test_random_is_required_for_a_pymc_model():
+    with pm.Model():
+        pm.Normal("mu", 0.0, 1.0)
+        pm.Normal("y", 0.0, 1.0, observed=[0.1])
+        with pytest.raises(ModelSpecificationError, match="`random` is missing"):
+            fit_integrated_laplace(progressbar=False)
