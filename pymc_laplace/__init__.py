@@ -18,6 +18,7 @@ from pymc_laplace.laplace import fit_laplace
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.optimize import NewtonOptimizer
 from pymc_laplace.predict import predict
+from pymc_laplace.sampling import sample_integrated
 from pymc_laplace.report import confint, fit_statistics, random_effects, summary
 
 __version__ = "0.1.0"
@@ -47,5 +48,6 @@ __all__ = [
     "pareto_smooth",
     "predict",
     "random_effects",
+    "sample_integrated",
     "summary",
 ]
