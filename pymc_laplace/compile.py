@@ -19,6 +19,7 @@ import numpy as np
 import pymc as pm
 import pytensor
 import pytensor.tensor as pt
+import scipy.sparse as sp
 from pymc.pytensorf import compile as compile_graph
 from pymc.pytensorf import constant_fold, join_nonshared_inputs
 from pytensor.compile.sharedvalue import SharedVariable
@@ -564,6 +565,7 @@ def compile_joint(
     n_out = 1 + len(outputs)
     [logp_flat, *rest], x = join_nonshared_inputs(point, [logp, *outputs, *pointwise], value_vars)
     x.name = "unconstrained"
+    walked_logp = logp_flat  # with the model's data containers, whose values the Hessian pattern is read with
     [logp_flat, *rest], shared, data = _data_as_inputs([logp_flat, *rest])
     outputs_flat, pointwise_flat = rest[: n_out - 1], rest[n_out - 1 :]
     everything = [logp_flat, *outputs_flat, *pointwise_flat]
@@ -637,9 +639,16 @@ def compile_joint(
 
     if derivatives:
         vg_hvp_fn = _with_data(functions["value_grad_hvp"], shared)
+        compression = _HessianCompression(walked_logp, x, start) if start.size >= COMPRESSED_HESSIAN_MIN_SIZE else None
 
         def vgh_fn(xv: np.ndarray) -> list[np.ndarray]:
             n = xv.size
+            if compression is not None and compression.worthwhile():
+                # one product per colour of the Hessian's structural pattern (star colouring of a sparse Hessian)
+                products = np.empty((compression.n_colors, n))
+                for c, direction in enumerate(compression.directions):
+                    f, g, products[c] = vg_hvp_fn(xv, direction)
+                return [f, g, compression.recover(products)]
             hessian = np.empty((n, n))
             f, g = np.nan, np.zeros(n)
             for i, unit in enumerate(np.eye(n)):
@@ -680,6 +689,47 @@ def compile_joint(
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled
     return compiled
+
+
+# From this many unconstrained parameters on, fit_laplace's Hessian is assembled from one Hessian-vector product per
+# colour of its structural pattern instead of one per column (the pattern walk costs more than it saves below)
+COMPRESSED_HESSIAN_MIN_SIZE = 64
+
+
+class _HessianCompression:
+    """The dense Hessian of ``logp`` in ``x`` from compressed products, by the graph's structural pattern.
+
+    The pattern is read once from the graph (:func:`~pymc_laplace.structure.walk_hessian_pattern`) with the current
+    values of the data containers it depends on, and read again whenever those values change (``pm.set_data``): a
+    pattern that is too small would silently drop entries. Compression is used only when it saves at least half of
+    the products.
+    """
+
+    def __init__(self, logp: Variable, x: Variable, start: np.ndarray) -> None:
+        self._logp, self._x, self._start = logp, x, start
+        self._seen: list[tuple[Any, Any]] | None = None
+
+    def _current(self) -> bool:
+        return self._seen is not None and all(var.get_value(borrow=True) is value for var, value in self._seen)
+
+    def worthwhile(self) -> bool:
+        if not self._current():
+            from pymc_laplace.structure import hessian_coloring, recovery_slots, walk_hessian_pattern
+
+            walked = walk_hessian_pattern(self._logp, self._x, {self._x: self._start}, warn=False)
+            self._seen = [(var, var.get_value(borrow=True)) for var in walked.data_inputs]
+            colors = hessian_coloring(walked.pattern)
+            n = self._start.size
+            self.n_colors = int(colors.max()) + 1 if colors.size else 0
+            self.directions = np.eye(self.n_colors)[colors].T if colors.size else np.zeros((0, n))
+            self._slots = recovery_slots(walked.pattern, colors) if 2 * self.n_colors <= n else None
+        return self._slots is not None
+
+    def recover(self, products: np.ndarray) -> np.ndarray:
+        slots = self._slots
+        values = np.asarray(products).ravel()[slots.data - 1]
+        hessian = sp.csr_matrix((values, slots.indices, slots.indptr), shape=slots.shape).toarray()
+        return 0.5 * (hessian + hessian.T)
 
 
 @dataclass(frozen=True)
