@@ -1,0 +1,111 @@
+"""Adaptive Gauss-Hermite quadrature over independent blocks of random effects, against exact integrals.
+
+References: the exact cbpp log likelihood by R's adaptive 1-D integration at glmer's estimates
+(reference/r/cbpp_check_ll.R), the exact urchin AIC by 2-D quadrature per urchin (reference/README.md), and the
+two-site model's per-site integrals by scipy's adaptive quadrature (here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from random_effects import SEED_000_BETA, two_site_data, two_site_model, urchin_model
+from scipy import integrate
+
+from pymc_laplace import InnerNewton, ModelSpecificationError, marginal
+from pymc_laplace.quadrature import block_quadrature, gauss_hermite_product
+
+# glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial, nAGQ = q): fixed effects and SD
+CBPP_GLMER = {
+    25: ([-1.39922373, -0.99140888, -1.12780959, -1.57948095], 0.64751991, -91.983369),
+    1: ([-1.39834286, -0.99192497, -1.12821622, -1.57974541], 0.64206993, -91.983830),
+}
+# theta (log omega, mu_g, log sig_g, mu_p, log sig_p, log sigma) -> AIC by exact 2-D quadrature per urchin
+URCHIN_EXACT_AIC = [
+    ((-4.0, -0.2, np.log(0.1), 0.2, np.log(0.1), np.log(0.5)), 206.1808),
+    ((-4.0676, -0.18946, -1.81267, 0.16382, -1.62341, -1.21295), 197.7316),
+    ((-3.82094, -0.24651, -1.81844, 0.16976, -1.62773, -1.13068), 197.6796),
+]
+
+
+@pytest.fixture(scope="module")
+def cbpp_marginal(mixed_marginal):
+    return mixed_marginal("cbpp")[2]
+
+
+def test_product_rule_integrates_gaussian_moments_exactly():
+    nodes, log_w = gauss_hermite_product(4, 2)
+    w = np.exp(log_w)
+    assert nodes.shape == (16, 2)
+    assert w.sum() == pytest.approx(np.pi)  # integral of exp(-x^2 - y^2)
+    assert np.sum(w * nodes[:, 0] ** 2 * nodes[:, 1] ** 2) == pytest.approx(np.pi / 4)
+    assert np.sum(w * nodes[:, 0] ** 6) == pytest.approx(15 * np.pi / 8)
+
+
+@pytest.mark.parametrize("n_agq", [25, 1])
+def test_cbpp_exact_log_likelihood_at_glmer_estimates(cbpp_marginal, n_agq):
+    beta, sd, exact = CBPP_GLMER[n_agq]
+    theta = np.array([*beta, np.log(sd)])
+    result = block_quadrature(cbpp_marginal, theta, 25)
+    assert result.log_marginal == pytest.approx(exact, abs=2e-6)
+    # one node is Laplace's approximation, which misses by 0.043
+    laplace = block_quadrature(cbpp_marginal, theta, 1)
+    assert laplace.log_marginal == pytest.approx(cbpp_marginal.value(theta), abs=1e-10)
+    assert result.laplace_log_marginal == pytest.approx(laplace.log_marginal, abs=1e-10)
+    assert result.difference == pytest.approx(exact - cbpp_marginal.value(theta), abs=2e-6)
+    assert result.block_difference.shape == (15,) and np.all(result.block_difference > 0)
+
+
+@pytest.mark.parametrize(("theta", "aic"), URCHIN_EXACT_AIC)
+def test_urchin_two_dimensional_blocks_against_exact_quadrature(theta, aic):
+    laplace = marginal(urchin_model(), random=["log_g", "log_p"])
+    result = block_quadrature(laplace, np.array(theta), 25)
+    assert all(block.size == 2 for block in result.blocks)
+    # the growth curve's kink slows Gauss-Hermite's convergence: 25 x 25 nodes agree to 1e-3 of AIC
+    assert 2 * -result.log_marginal + 12 == pytest.approx(aic, abs=1e-3)
+
+
+def two_site_exact(beta: np.ndarray) -> float:
+    X, y, site = two_site_data()
+    total = 0.0
+    for s in (0, 1):
+        eta0, ys = X[site == s] @ beta, y[site == s]
+
+        def log_joint(u: float) -> float:
+            eta = eta0 + u
+            return float(np.sum(ys * eta - np.logaddexp(0.0, eta)) - 0.5 * u * u - 0.5 * np.log(2 * np.pi))
+
+        peak = -optimize_scalar(lambda u: -log_joint(u))
+        value, _ = integrate.quad(lambda u: np.exp(log_joint(u) - peak), -np.inf, np.inf, epsabs=0, epsrel=1e-13)
+        total += peak + np.log(value)
+    return total
+
+
+def optimize_scalar(f):
+    from scipy.optimize import minimize_scalar
+
+    return float(minimize_scalar(f, bounds=(-30, 30), method="bounded", options={"xatol": 1e-12}).fun)
+
+
+def test_two_site_against_adaptive_quadrature():
+    laplace = marginal(two_site_model(tau=1.0), random=["mu"])
+    for beta in (SEED_000_BETA, 0.5 * SEED_000_BETA):
+        exact = two_site_exact(beta)
+        result = block_quadrature(laplace, beta, 50)
+        assert result.log_marginal == pytest.approx(exact, abs=1e-8)
+        assert abs(result.laplace_log_marginal - exact) > 1e-4  # Laplace alone is measurably off here
+
+
+def test_blocks_coupled_or_too_many_nodes_are_refused(mixed_marginal, cbpp_marginal):
+    model, random, crossed = mixed_marginal("penicillin")
+    # 24 plates crossed with 6 samples: one connected block of 30 random effects, 3^30 nodes
+    with pytest.raises(ModelSpecificationError, match="blocks of 30 random effects.*Crossed"):
+        block_quadrature(crossed, crossed.compiled.theta_start, 3)
+    sparse = marginal(model, random=random, inner=InnerNewton(factorization="superlu"))
+    with pytest.raises(ModelSpecificationError, match="independent blocks"):
+        block_quadrature(sparse, sparse.compiled.theta_start, 3)
+    with pytest.raises(ModelSpecificationError, match="positive integer"):
+        block_quadrature(cbpp_marginal, cbpp_marginal.compiled.theta_start, 0)
+    urchin = marginal(urchin_model(), random=["log_g", "log_p"])
+    with pytest.raises(ModelSpecificationError, match="use fewer nodes"):
+        block_quadrature(urchin, urchin.compiled.theta_start, 400)
