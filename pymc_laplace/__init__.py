@@ -18,6 +18,7 @@ from pymc_laplace.laplace import fit_laplace
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.optimize import NewtonOptimizer
 from pymc_laplace.predict import predict
+from pymc_laplace.quadrature import check_laplace
 from pymc_laplace.sampling import sample_integrated
 from pymc_laplace.report import confint, fit_statistics, random_effects, summary
 
@@ -37,6 +38,7 @@ __all__ = [
     "OptimizationError",
     "OuterOptimizer",
     "StartPointError",
+    "check_laplace",
     "clear_compile_cache",
     "confint",
     "fit_integrated_laplace",

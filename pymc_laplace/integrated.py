@@ -19,6 +19,7 @@ from pymc_laplace.compile import compile_seconds, compile_split, resolve_variabl
 from pymc_laplace.convert import build_result
 from pymc_laplace.diagnostics import check_approximation
 from pymc_laplace.errors import (
+    ApproximationWarning,
     BoundaryFitWarning,
     HessianNotPositiveDefiniteError,
     HessianNotPositiveDefiniteWarning,
@@ -558,6 +559,19 @@ def fit_integrated_laplace(
     jac = laplace.mode_jacobian(outer.theta)
     b_var = solution.factor.diagonal_of_inverse() + np.einsum("ij,jk,ik->i", jac, covariance, jac)
     n_params = outer.theta.size
+    # Laplace against adaptive Gauss-Hermite quadrature at the estimate, where that takes a few hundred evaluations
+    from pymc_laplace.quadrature import LAPLACE_ERROR_WARNING, default_check
+
+    laplace_error = default_check(laplace, outer.theta) if not boundary.size else float("nan")
+    if abs(laplace_error) >= LAPLACE_ERROR_WARNING:
+        warnings.warn(
+            f"Laplace's log likelihood at the estimate is off by {laplace_error:+.3g} against adaptive Gauss-Hermite "
+            "quadrature over each block of random effects: check_laplace(result, model) names the blocks, and "
+            "sample_integrated (NUTS over theta) or full NUTS are the comparisons to make before trusting the "
+            "estimates of the variances.",
+            ApproximationWarning,
+            stacklevel=2,
+        )
     n_obs = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
 
     # joint draws: theta from its Gaussian, b from its conditional Gaussian given each theta
@@ -668,6 +682,8 @@ def fit_integrated_laplace(
         "boundary": described,
         "not_positive_definite": not_positive,
         "failed_theta_draws": len(failed),
+        # AGHQ minus Laplace log likelihood at the estimate (NaN where not checked: crossed effects, many blocks)
+        "laplace_error_aghq": laplace_error,
         # levels of each random effect in `random`: the length of its first axis (glmmTMB's "groups: ...")
         "random_levels": [int(shape[0]) if len(shape) else 1 for shape in compiled.b_layout.shapes],
         "random_sizes": [int(np.prod(shape, dtype=int)) for shape in compiled.b_layout.shapes],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
@@ -70,7 +71,9 @@ def gauss_hermite_product(n_nodes: int, dim: int) -> tuple[np.ndarray, np.ndarra
     return nodes, log_w
 
 
-def block_quadrature(laplace: LaplaceMarginal, theta: np.ndarray, n_nodes: int) -> BlockQuadrature:
+def block_quadrature(
+    laplace: LaplaceMarginal, theta: np.ndarray, n_nodes: int, *, batched: bool = True
+) -> BlockQuadrature:
     """AGHQ with ``n_nodes`` per dimension over each independent block of random effects at ``theta``.
 
     Parameters
@@ -82,6 +85,9 @@ def block_quadrature(laplace: LaplaceMarginal, theta: np.ndarray, n_nodes: int) 
         Unconstrained outer parameters, in the order of ``laplace.compiled.theta_layout``.
     n_nodes : int
         Nodes per dimension (lme4's ``nAGQ``); 1 is Laplace.
+    batched : bool
+        Evaluate the joint density at many nodes per call (compiles the batched graph on first use); False evaluates
+        node by node (for a few hundred nodes, where compiling would cost more).
 
     Raises
     ------
@@ -122,7 +128,7 @@ def block_quadrature(laplace: LaplaceMarginal, theta: np.ndarray, n_nodes: int) 
         offsets = np.sqrt(2.0) * np.linalg.solve(
             np.swapaxes(chol, -1, -2)[:, None], np.broadcast_to(nodes[None, :, :, None], (n_blocks, *nodes.shape, 1))
         )[..., 0]  # (n_blocks, n_nodes^d, d)
-        changes = _block_changes(compiled, sol.b, theta, idx, offsets) - base  # (n_blocks, n_nodes^d)
+        changes = _block_changes(compiled, sol.b, theta, idx, offsets, batched) - base  # (n_blocks, n_nodes^d)
         log_det_l = np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
         log_integral = logsumexp(log_w[None, :] + np.sum(nodes**2, axis=1)[None, :] + changes, axis=1)
         aghq_terms.append(-log_det_l + 0.5 * dim * np.log(2.0) + log_integral)
@@ -147,7 +153,7 @@ def block_quadrature(laplace: LaplaceMarginal, theta: np.ndarray, n_nodes: int) 
 
 
 def _block_changes(
-    compiled, mode: np.ndarray, theta: np.ndarray, idx: np.ndarray, offsets: np.ndarray
+    compiled: Any, mode: np.ndarray, theta: np.ndarray, idx: np.ndarray, offsets: np.ndarray, batched: bool
 ) -> np.ndarray:
     """The joint log density with block ``j`` alone moved to ``mode + offsets[j, k]``, shape (n_blocks, n_nodes)."""
     n_blocks, n_points, _ = offsets.shape
@@ -156,14 +162,132 @@ def _block_changes(
     block_of_row = np.repeat(np.arange(n_blocks), n_points)
     flat_offsets = offsets.reshape(total, -1)
     rows_per_call = max(1, BATCH_ELEMENTS // max(mode.size, 1))
-    batched = compiled.joint_value_batched
+    batched_value = compiled.joint_value_batched if batched else None
     for begin in range(0, total, rows_per_call):
         rows = np.arange(begin, min(begin + rows_per_call, total))
         points = np.broadcast_to(mode, (rows.size, mode.size)).copy()
         cols = idx[block_of_row[rows]]  # (rows, d)
         points[np.arange(rows.size)[:, None], cols] += flat_offsets[rows]
-        if batched is not None:
-            values[rows] = batched(points, np.broadcast_to(theta, (rows.size, theta.size)))
+        if batched_value is not None:
+            values[rows] = batched_value(points, np.broadcast_to(theta, (rows.size, theta.size)))
         else:
             values[rows] = [compiled.joint_value(point, theta) for point in points]
     return values.reshape(n_blocks, n_points)
+
+
+# the check that fit_integrated_laplace runs by default: this many nodes per dimension, when the quadrature needs at
+# most DEFAULT_CHECK_ROWS evaluations of the joint density
+DEFAULT_CHECK_NODES = 5
+DEFAULT_CHECK_ROWS = 2_000
+# log-likelihood errors below this are reported as negligible; from LAPLACE_ERROR_WARNING on (an AIC error of 2)
+# fit_integrated_laplace warns
+NEGLIGIBLE_ERROR = 0.01
+LAPLACE_ERROR_WARNING = 1.0
+
+
+@dataclass(frozen=True)
+class LaplaceCheck:
+    """How far Laplace's log marginal likelihood is from adaptive Gauss-Hermite quadrature, at the estimate.
+
+    Attributes
+    ----------
+    n_nodes : int
+    difference : float
+        AGHQ minus Laplace, in log-likelihood units (cbpp: 0.043).
+    blocks : pandas.DataFrame
+        One row per block of random effects (``first`` random effect of the block, ``size``, ``difference``), the
+        worst first.
+    advice : str
+    """
+
+    n_nodes: int
+    difference: float
+    blocks: Any
+    advice: str
+
+    def __str__(self) -> str:
+        return f"{self.advice}\n{self.blocks.head(5).to_string()}"
+
+
+def check_laplace(result: Any, model: Any = None, *, n_nodes: int = 10) -> LaplaceCheck:
+    """Check the Laplace approximation of a ``fit_integrated_laplace`` result block by block.
+
+    The Laplace log marginal likelihood at the estimate is compared with adaptive Gauss-Hermite quadrature with
+    ``n_nodes`` per dimension over each independent block of random effects (:func:`block_quadrature`). The
+    difference is the error of Laplace's log likelihood (and so of its AIC, divided by -2); blocks with large
+    differences are those where the conditional posterior of the random effects is far from Gaussian (small groups,
+    binary data).
+
+    Parameters
+    ----------
+    result : arviz.InferenceData or xarray.DataTree
+        From :func:`pymc_laplace.fit_integrated_laplace`.
+    model : pm.Model, optional
+        The model that was fitted (from the context when not given); its marginal is compiled once and reused.
+    n_nodes : int
+
+    Returns
+    -------
+    LaplaceCheck
+    """
+    import pymc as pm
+
+    from pymc_laplace._compat import get_group
+    from pymc_laplace.integrated import marginal
+
+    attrs = dict(get_group(result, "posterior").attrs)
+    if not str(attrs.get("method", "")).startswith("integrated_laplace"):
+        raise ModelSpecificationError("check_laplace reads a fit_integrated_laplace result.")
+    model = pm.modelcontext(model)
+    laplace = marginal(model, random=list(attrs["random"]))
+    theta = np.asarray(get_group(result, "fit")["mean_vector"].values, dtype=float)
+    if list(laplace.compiled.theta_layout.labels) != [str(v) for v in get_group(result, "fit")["rows"].values]:
+        raise ModelSpecificationError(
+            "The model's outer parameters are not those of the result: pass the model that was fitted."
+        )
+    quadrature = block_quadrature(laplace, theta, n_nodes)
+    return _check_from(laplace, quadrature)
+
+
+def _check_from(laplace: LaplaceMarginal, quadrature: BlockQuadrature) -> LaplaceCheck:
+    import pandas as pd
+
+    labels = laplace.compiled.b_layout.labels
+    table = pd.DataFrame(
+        {
+            "first": [labels[int(block[0])] for block in quadrature.blocks],
+            "size": [int(block.size) for block in quadrature.blocks],
+            "difference": quadrature.block_difference,
+        }
+    )
+    table = table.reindex(table["difference"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+    difference = quadrature.difference
+    if abs(difference) < NEGLIGIBLE_ERROR:
+        advice = (
+            f"Laplace's log likelihood is within {abs(difference):.2g} of AGHQ with {quadrature.n_nodes} nodes: the "
+            "approximation of the random effects is adequate here."
+        )
+    else:
+        worst = ", ".join(table["first"].head(3))
+        advice = (
+            f"Laplace's log likelihood is off by {difference:+.3g} against AGHQ with {quadrature.n_nodes} nodes "
+            f"(AIC by {-2 * difference:+.3g}); the worst blocks start at {worst}. The conditional posterior of the "
+            "random effects is not Gaussian there (small groups, binary data), and Laplace's estimates of the "
+            "variances tend to be biased towards zero; compare with sample_integrated (NUTS over theta, with "
+            "priors) or full NUTS before trusting them."
+        )
+    return LaplaceCheck(n_nodes=quadrature.n_nodes, difference=float(difference), blocks=table, advice=advice)
+
+
+def default_check(laplace: LaplaceMarginal, theta: np.ndarray) -> float:
+    """AGHQ minus Laplace at ``theta`` with ``DEFAULT_CHECK_NODES`` nodes when that is cheap, else NaN."""
+    structure = laplace.structure
+    if not isinstance(structure, BlockStructure) or structure.n_blocks == 0:
+        return float("nan")
+    rows = sum(g.shape[0] * DEFAULT_CHECK_NODES ** g.shape[1] for g in structure.groups)
+    if rows > DEFAULT_CHECK_ROWS or DEFAULT_CHECK_NODES**structure.largest_block > MAX_NODES_PER_BLOCK:
+        return float("nan")
+    try:
+        return block_quadrature(laplace, theta, DEFAULT_CHECK_NODES, batched=False).difference
+    except ModelSpecificationError:
+        return float("nan")

@@ -109,3 +109,73 @@ def test_blocks_coupled_or_too_many_nodes_are_refused(mixed_marginal, cbpp_margi
     urchin = marginal(urchin_model(), random=["log_g", "log_p"])
     with pytest.raises(ModelSpecificationError, match="use fewer nodes"):
         block_quadrature(urchin, urchin.compiled.theta_start, 400)
+
+
+def cbpp_exact(theta: np.ndarray) -> float:
+    """cbpp's log likelihood by scipy's adaptive quadrature over each herd's intercept (binomial coefficients
+    included, as PyMC's Binomial has them)."""
+    import pandas as pd
+    from conftest import data_path
+    from scipy import special, stats
+
+    d = pd.read_csv(data_path("cbpp.csv"))
+    period = d["period"].astype(int).to_numpy()
+    X = np.column_stack([np.ones(len(d)), period == 2, period == 3, period == 4]).astype(float)
+    eta0, sd = X @ theta[:4], np.exp(theta[4])
+    herd, k, n = d["herd"].astype(int).to_numpy(), d["incidence"].to_numpy(), d["size"].to_numpy()
+    total = 0.0
+    for h in np.unique(herd):
+        rows = herd == h
+        log_c = np.sum(special.gammaln(n[rows] + 1) - special.gammaln(k[rows] + 1) - special.gammaln(n[rows] - k[rows] + 1))
+
+        def log_joint(u: float) -> float:
+            eta = eta0[rows] + u
+            return float(np.sum(k[rows] * eta - n[rows] * np.logaddexp(0.0, eta)) + stats.norm(0, sd).logpdf(u))
+
+        peak = -optimize_scalar(lambda u: -log_joint(u))
+        value, _ = integrate.quad(lambda u: np.exp(log_joint(u) - peak), -np.inf, np.inf, epsabs=0, epsrel=1e-13)
+        total += log_c + peak + np.log(value)
+    return total
+
+
+def test_fits_carry_the_error_of_laplace_and_check_laplace_names_the_blocks(mixed_marginal):
+    from pymc_laplace import check_laplace, fit_integrated_laplace, get_group
+
+    model, random, laplace = mixed_marginal("cbpp")
+    result = fit_integrated_laplace(
+        model, random=random, compiled_marginal=laplace, draws=10, chains=1, progressbar=False, random_seed=1
+    )
+    fit = get_group(result, "fit")
+    theta = np.asarray(fit["mean_vector"].values)
+    exact_error = cbpp_exact(theta) - float(fit["log_marginal_likelihood"])
+    assert exact_error == pytest.approx(0.043, abs=1e-3)  # as at glmer's estimates (reference: 0.0432)
+    # the default check (5 nodes) is within 2e-3 of the exact error; check_laplace's 10 nodes within 1e-6
+    assert get_group(result, "posterior").attrs["laplace_error_aghq"] == pytest.approx(exact_error, abs=2e-3)
+    check = check_laplace(result, model)
+    assert check.difference == pytest.approx(exact_error, abs=1e-6)
+    assert list(check.blocks.columns) == ["first", "size", "difference"] and len(check.blocks) == 15
+    assert check.blocks["difference"].sum() == pytest.approx(check.difference, abs=1e-10)
+    assert np.all(np.diff(check.blocks["difference"].abs()) <= 0)  # the worst block first
+    assert f"off by {check.difference:+.3g}" in check.advice and check.blocks["first"][0] in check.advice
+
+
+def test_a_large_error_of_laplace_warns():
+    import pymc as pm
+
+    from pymc_laplace import ApproximationWarning, fit_integrated_laplace, get_group
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(60), 2)  # two binary answers per group, large between-group spread
+    y = rng.binomial(1, special_expit(rng.normal(0.0, 3.0, 60)[groups]))
+    with pm.Model() as model:
+        a = pm.Normal("a", 0.0, 10.0)
+        sigma = pm.HalfNormal("sigma", 5.0)
+        u = pm.Normal("u", 0.0, sigma, shape=60)
+        pm.Bernoulli("y", logit_p=a + u[groups], observed=y)
+    with pytest.warns(ApproximationWarning, match="Laplace's log likelihood at the estimate is off by"):
+        result = fit_integrated_laplace(model, random=["u"], draws=10, chains=1, progressbar=False, random_seed=1)
+    assert abs(get_group(result, "posterior").attrs["laplace_error_aghq"]) >= 1.0
+
+
+def special_expit(x):
+    return 1.0 / (1.0 + np.exp(-x))
