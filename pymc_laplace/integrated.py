@@ -27,6 +27,7 @@ from pymc_laplace.errors import (
 )
 from pymc_laplace.formulas import bambi_pymc_model, is_bambi_model
 from pymc_laplace.gaussian import FLAT_DIRECTION_RTOL, LOG_2PI, describe_direction, gaussian_from_precision
+from pymc_laplace.inla import DesignSettings, fit_by_design
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 
@@ -365,7 +366,7 @@ def fit_integrated_laplace(
     model: pm.Model | Any | None = None,
     *,
     random: Sequence[Any] | None = None,
-    method: Literal["ml", "map"] = "ml",
+    method: Literal["ml", "map", "grid", "ccd"] = "ml",
     draws: int = 1000,
     chains: int = 4,
     random_seed: int | np.random.Generator | None = None,
@@ -379,13 +380,17 @@ def fit_integrated_laplace(
     compiled_marginal: LaplaceMarginal | None = None,
     include_transformed: bool = False,
     non_positive_definite: Literal["raise", "warn"] = "raise",
+    design: DesignSettings | None = None,
 ) -> Any:
     """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
 
     The random effects ``b`` are integrated out by an inner Newton solve at each value of the other free
     variables ``theta``; the Laplace marginal likelihood of ``theta`` is maximised with its exact gradient
     (implicit function theorem). ``method="ml"`` ignores the priors of ``theta`` (as TMB and glmmTMB);
-    ``method="map"`` adds them with their Jacobians.
+    ``method="map"`` adds them with their Jacobians. ``method="grid"`` and ``method="ccd"`` are Bayesian over
+    ``theta`` as INLA is: the Laplace marginal posterior ``p(theta) L(theta)`` is evaluated on a grid or a central
+    composite design in the standardised coordinates of its Gaussian at the mode (:mod:`pymc_laplace.inla`), and
+    the draws of ``theta`` follow it rather than a Gaussian.
 
     Parameters
     ----------
@@ -396,7 +401,10 @@ def fit_integrated_laplace(
         ``predict`` and plots read.
     random : sequence of str or variables
         The latent variables to integrate out; for a bambi model, by default its group-specific terms.
-    method : {"ml", "map"}
+    method : {"ml", "map", "grid", "ccd"}
+        ``"grid"``/``"ccd"``: the ``fit`` group then holds the posterior ``mean_vector``, ``covariance_matrix`` and
+        ``mode`` of theta, ``log_evidence`` (``log p(y)``, priors included), and ``design_points``,
+        ``design_probability`` and ``design_log_posterior`` over ``design``; there is no ``random_effects`` table.
     draws, chains : int
         Posterior draws: ``theta ~ N(theta^, cov)`` and, for each, ``b | theta ~ N(b^(theta), Q^-1)``.
     random_seed, progressbar, initvals, idata_kwargs, compile_kwargs
@@ -410,6 +418,8 @@ def fit_integrated_laplace(
         ``inner`` settings and start point; ``inner``, ``initvals`` and ``compile_kwargs`` are then not used).
     include_transformed : bool
         Add the ``unconstrained_posterior`` group (the draws of each value variable), as :func:`fit_laplace`.
+    design : DesignSettings, optional
+        Settings of the grid or the CCD (spacing, log-density drop kept, radius factor).
     non_positive_definite : {"raise", "warn"}
         What to do when the negative Hessian of the marginal is not positive definite at the estimate (glmmTMB's
         ``pdHess = FALSE``): raise :class:`HessianNotPositiveDefiniteError` (default), or return the estimates with a
@@ -434,8 +444,8 @@ def fit_integrated_laplace(
         ``draws``/``chains`` not positive integers, a negative or non-finite ``ridge``, an unknown ``method``.
     StartPointError, InnerSolveError, HessianNotPositiveDefiniteError
     """
-    if method not in ("ml", "map"):
-        raise ModelSpecificationError(f"`method` must be 'ml' or 'map', not {method!r}.")
+    if method not in ("ml", "map", "grid", "ccd"):
+        raise ModelSpecificationError(f"`method` must be 'ml', 'map', 'grid' or 'ccd', not {method!r}.")
     if non_positive_definite not in ("raise", "warn"):
         raise ModelSpecificationError(
             f"`non_positive_definite` must be 'raise' or 'warn', not {non_positive_definite!r}."
@@ -466,6 +476,12 @@ def fit_integrated_laplace(
     compiled = laplace.compiled
     optimizer = optimizer or OuterOptimizer()
     rng = np.random.default_rng(random_seed)
+    if method in ("grid", "ccd"):
+        return fit_by_design(
+            laplace, strategy=method, settings=design or DesignSettings(), optimizer=optimizer, draws=draws,
+            chains=chains, rng=rng, progressbar=progressbar, idata_kwargs=idata_kwargs,
+            include_transformed=include_transformed, started=started, compile_before=compile_before,
+        )  # fmt: skip
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         value, grad = laplace.value_and_grad(theta)

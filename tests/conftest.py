@@ -84,3 +84,16 @@ def mixed_marginal():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def cbpp_full_nuts(mixed_marginal):
+    """NUTS on the full cbpp model (random effects sampled): the reference of the Bayesian integrated fits."""
+    import pymc as pm
+
+    model, _, _ = mixed_marginal("cbpp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pm.sample(
+            draws=1000, tune=1000, chains=2, random_seed=12, progressbar=False, model=model, target_accept=0.95
+        )

@@ -188,16 +188,13 @@ def test_result_is_what_pm_sample_returns(gaussian_fits):
     assert attrs["method"] == "integrated_laplace_nuts" and attrs["inner_failures"] == 0
 
 
-def test_cbpp_beside_full_nuts(mixed_marginal):
+def test_cbpp_beside_full_nuts(mixed_marginal, cbpp_full_nuts):
     model, random, laplace = mixed_marginal("cbpp")
     integrated = sample_integrated(
         model, random=random, compiled_marginal=laplace, draws=1000, tune=1000, chains=2, random_seed=11,
         progressbar=False,
     )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = pm.sample(draws=1000, tune=1000, chains=2, random_seed=12, progressbar=False, model=model,
-                         target_accept=0.95)  # fmt: skip
+    full = cbpp_full_nuts
     ours, theirs = moments(integrated, ["beta", "sigma", "u"]), moments(full, ["beta", "sigma", "u"])
     # Laplace is not exact for binomial data: the posteriors agree to a fraction of a posterior SD
     for name in ours:
