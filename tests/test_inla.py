@@ -20,7 +20,7 @@ from test_sampling import GROUP, N_GROUPS, Y, exact_posterior_moments, gaussian_
 from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, get_group, marginal
 from pymc_laplace.inla import DesignSettings, _two_level_design, explore
 
-FINE = DesignSettings(step=0.5, drop=10.0)
+FINE = DesignSettings(step=0.75, drop=10.0)
 
 
 def three_layer_exact_evidence(points: int = 161) -> float:
