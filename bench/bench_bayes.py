@@ -108,7 +108,12 @@ def aghq_ours() -> dict:
         t = time.perf_counter()
         value = block_quadrature(laplace, theta + 1e-3 * np.random.default_rng(len(times)).normal(size=5), 25)
         times.append(time.perf_counter() - t)
-    return {"first": first_seconds, "eval": float(np.median(times)), "loglik": first.log_marginal, "unused": value.n_nodes}
+    return {
+        "first": first_seconds,
+        "eval": float(np.median(times)),
+        "loglik": first.log_marginal,
+        "unused": value.n_nodes,
+    }
 
 
 R_AGHQ = r"""
@@ -118,7 +123,9 @@ f <- cbind(incidence, size - incidence) ~ period + (1 | herd)
 t0 <- Sys.time(); fit <- glmer(f, d, binomial, nAGQ = 25); whole <- as.numeric(Sys.time() - t0, units = "secs")
 dev <- glmer(f, d, binomial, nAGQ = 25, devFunOnly = TRUE)
 p <- c(0.64751991, -1.39922373, -0.99140888, -1.12780959, -1.57948095)
-times <- sapply(1:20, function(i) { t <- Sys.time(); dev(p + 1e-3 * rnorm(5)); as.numeric(Sys.time() - t, units = "secs") })
+times <- sapply(1:20, function(i) {
+  t <- Sys.time(); dev(p + 1e-3 * rnorm(5)); as.numeric(Sys.time() - t, units = "secs")
+})
 cat(sprintf('{"whole": %.6f, "eval": %.6f}\n', whole, median(times)))
 """
 
@@ -162,10 +169,14 @@ def main() -> None:
         proc = subprocess.run(["Rscript", "-e", R_AGHQ], capture_output=True, text=True, cwd=ROOT)
         peer = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
     if ours:
-        lines.append(f"| one evaluation of the log likelihood (warm) | {ours['eval'] * 1e3:.2f} ms | "
-                     + (f"{peer['eval'] * 1e3:.2f} ms (ratio {ours['eval'] / peer['eval']:.2f}) |" if peer else "- |"))
-        lines.append(f"| first evaluation incl. compiling / whole glmer fit | {ours['first']:.2f} s | "
-                     + (f"{peer['whole']:.2f} s |" if peer else "- |"))
+        lines.append(
+            f"| one evaluation of the log likelihood (warm) | {ours['eval'] * 1e3:.2f} ms | "
+            + (f"{peer['eval'] * 1e3:.2f} ms (ratio {ours['eval'] / peer['eval']:.2f}) |" if peer else "- |")
+        )
+        lines.append(
+            f"| first evaluation incl. compiling / whole glmer fit | {ours['first']:.2f} s | "
+            + (f"{peer['whole']:.2f} s |" if peer else "- |")
+        )
         lines.append(f"| log likelihood at glmer's nAGQ=25 estimates | {ours['loglik']:.6f} | -91.983369 (exact) |")
     text = "\n".join(lines)
     print(text)

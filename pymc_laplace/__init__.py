@@ -19,8 +19,8 @@ from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.optimize import NewtonOptimizer
 from pymc_laplace.predict import predict
 from pymc_laplace.quadrature import check_laplace
-from pymc_laplace.sampling import sample_integrated
 from pymc_laplace.report import confint, fit_statistics, random_effects, summary
+from pymc_laplace.sampling import sample_integrated
 
 __version__ = "0.1.0"
 

@@ -17,12 +17,12 @@ times the weights and the volume ``|det V Lambda^1/2|``. Draws of ``theta`` come
 weight, uniform within the cell), or, for the CCD, from the design's skewed Gaussian (along each axis ``z_i`` a normal
 with a different scale on each side, fitted to the log posterior at the two axial points: INLA's "stdev
 corrections") as a proposal, resampled by importance ratios against ``p(theta) L(theta)`` (Pareto-smoothed; k-hat
-and the importance ESS in the attrs). The random effects of each draw come from their conditional Gaussian at that ``theta``.
+and the importance ESS in the attrs). The random effects of each draw come from their conditional Gaussian at
+that ``theta``.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -170,7 +170,7 @@ def explore(
             for point in frontier:
                 for axis in range(m):
                     for sign in (-1, 1):
-                        neighbour = point[:axis] + (point[axis] + sign,) + point[axis + 1 :]
+                        neighbour = (*point[:axis], point[axis] + sign, *point[axis + 1 :])
                         if neighbour in values_of:
                             continue
                         if len(values_of) >= max_points:
@@ -201,8 +201,8 @@ def explore(
         outer_weight = 1.0 / (n_outer * (f0**2 - 1.0) * np.exp(-m * f0**2 / 2.0))
         # normalised so that the design integrates a standard normal density exactly
         standard = np.exp(-0.5 * radius**2) * outer_weight * n_outer + 1.0
-        log_weights = np.log(np.r_[1.0, np.full(n_outer, outer_weight)]) - np.log(standard) + 0.5 * m * np.log(
-            2.0 * np.pi
+        log_weights = (
+            np.log(np.r_[1.0, np.full(n_outer, outer_weight)]) - np.log(standard) + 0.5 * m * np.log(2.0 * np.pi)
         )
         for axis in range(m):
             for side, row in enumerate((1 + m + axis, 1 + axis)):
@@ -328,9 +328,7 @@ def fit_by_design(
         )
     fitted, compile_fitted = time.perf_counter(), compile_seconds()
     theta_draws = design.sample(rng, chains * draws)
-    unconstrained, log_marginal = conditional_random_effects(
-        laplace, theta_draws, rng, op=op, progressbar=progressbar
-    )
+    unconstrained, log_marginal = conditional_random_effects(laplace, theta_draws, rng, op=op, progressbar=progressbar)
     checked: dict[str, float] = {}
     if strategy == "ccd":
         # the skewed Gaussian is a proposal: the draws are resampled by their importance ratios against the Laplace

@@ -125,9 +125,13 @@ def block_quadrature(
             continue
         nodes, log_w = gauss_hermite_product(n_nodes, dim)
         # block j at node k: b^ + sqrt(2) L_j^-T z_k
-        offsets = np.sqrt(2.0) * np.linalg.solve(
-            np.swapaxes(chol, -1, -2)[:, None], np.broadcast_to(nodes[None, :, :, None], (n_blocks, *nodes.shape, 1))
-        )[..., 0]  # (n_blocks, n_nodes^d, d)
+        offsets = (
+            np.sqrt(2.0)
+            * np.linalg.solve(
+                np.swapaxes(chol, -1, -2)[:, None],
+                np.broadcast_to(nodes[None, :, :, None], (n_blocks, *nodes.shape, 1)),
+            )[..., 0]
+        )  # (n_blocks, n_nodes^d, d)
         changes = _block_changes(compiled, sol.b, theta, idx, offsets, batched) - base  # (n_blocks, n_nodes^d)
         log_det_l = np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
         log_integral = logsumexp(log_w[None, :] + np.sum(nodes**2, axis=1)[None, :] + changes, axis=1)

@@ -177,8 +177,9 @@ def sample_integrated(
         As ``pm.sample`` returns: ``posterior`` with every variable of the model (the random effects drawn given
         each ``theta``), ``sample_stats`` of NUTS (divergences, tree depth, ...) with ``log_marginal`` (``p(theta)
         L(theta)`` of each draw), ``observed_data``, ``constant_data`` and, by default, ``log_likelihood``. The attrs
-        record ``inner_failures`` (steps rejected because the inner solve failed) and the time spent compiling,
-        sampling and drawing the random effects.
+        record ``inner_failures`` (steps rejected because the inner solve failed), ``max_rhat`` and ``min_ess_bulk``
+        over the outer parameters (a warning names those past R-hat 1.01 or 100 effective draws per chain) and the
+        time spent compiling, sampling and drawing the random effects.
 
     Raises
     ------
@@ -208,7 +209,9 @@ def sample_integrated(
             )
     started, compile_before = time.perf_counter(), compile_seconds()
     model = validate_arguments(model, draws=draws, chains=chains, ridge=0.0)
-    random_values = resolve_variables(model, random, argument="random", if_empty="Name the random effects to integrate out.")
+    random_values = resolve_variables(
+        model, random, argument="random", if_empty="Name the random effects to integrate out."
+    )
     if len(random_values) == len(model.free_RVs):
         raise ModelSpecificationError(
             f"`random` covers every free variable ({sorted(rv.name for rv in model.free_RVs)}): nothing is left for "
@@ -243,20 +246,18 @@ def sample_integrated(
     elif cores > 1:
         cores = 1  # the compiled marginal is shared with the chains by forking; elsewhere they run in turn
     prepared, compile_prepared = time.perf_counter(), compile_seconds()
-    with warnings.catch_warnings():
-        # pm.sample's convergence messages are about the flat vector; they are repeated below by variable
-        warnings.filterwarnings("ignore", message=".*rhat.*|.*effective sample size.*|.*ESS.*")
-        nuts = pm.sample(
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            cores=cores,
-            random_seed=random_seed,
-            progressbar=progressbar,
-            model=outer_model,
-            compute_convergence_checks=False,
-            **sample_kwargs,
-        )
+    # pm.sample's convergence checks would name the flat vector: they are made below, by parameter label
+    nuts = pm.sample(
+        draws=draws,
+        tune=tune,
+        chains=chains,
+        cores=cores,
+        random_seed=random_seed,
+        progressbar=progressbar,
+        model=outer_model,
+        compute_convergence_checks=False,
+        **sample_kwargs,
+    )
     sampled, compile_sampled = time.perf_counter(), compile_seconds()
     theta_draws = np.asarray(get_group(nuts, "posterior")[THETA_NAME].values, dtype=float)
     n_chains, n_draws = theta_draws.shape[:2]
@@ -278,6 +279,7 @@ def sample_integrated(
     }
     sample_stats["log_marginal"] = log_marginal.reshape(n_chains, n_draws)
     sample_stats["lp"] = log_p
+    convergence = _convergence(theta_draws, compiled.theta_layout.labels)
     failures = int(op.failures.value)
     if failures:
         detail = f"; the first: {op.first_failure}" if op.first_failure else ""
@@ -299,6 +301,7 @@ def sample_integrated(
         "draws_seconds": (drawn - sampled) - (compile_drawn - compile_sampled),
         "start_seconds": (prepared - started) - (compile_prepared - compile_before),
         "tuning_steps": int(tune),
+        **convergence,
     }
     theta_mean = theta_draws.reshape(-1, theta_draws.shape[-1]).mean(axis=0)
     theta_cov = np.atleast_2d(np.cov(theta_draws.reshape(-1, theta_draws.shape[-1]), rowvar=False))
@@ -317,6 +320,36 @@ def sample_integrated(
         attrs=attrs,
         **groups,
     )
+
+
+# convergence thresholds of the outer parameters' chains (Vehtari et al. 2021)
+RHAT_THRESHOLD = 1.01
+MIN_ESS_PER_CHAIN = 100
+
+
+def _convergence(theta_draws: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
+    """Largest rank-normalised split R-hat and smallest bulk ESS over the outer parameters; a warning naming the
+    parameters past the thresholds."""
+    import arviz as az
+
+    n_chains = theta_draws.shape[0]
+    rhat = np.array([float(az.rhat(theta_draws[..., k])) for k in range(theta_draws.shape[-1])])
+    ess = np.array([float(az.ess(theta_draws[..., k], method="bulk")) for k in range(theta_draws.shape[-1])])
+    bad_rhat = [label for label, r in zip(labels, rhat, strict=True) if n_chains > 1 and r > RHAT_THRESHOLD]
+    bad_ess = [label for label, e in zip(labels, ess, strict=True) if e < MIN_ESS_PER_CHAIN * n_chains]
+    if bad_rhat or bad_ess:
+        warnings.warn(
+            f"The chains over the outer parameters have not converged: R-hat above {RHAT_THRESHOLD} for {bad_rhat}, "
+            f"bulk ESS below {MIN_ESS_PER_CHAIN} per chain for {bad_ess} (R-hat up to {np.nanmax(rhat):.3g}, ESS "
+            f"down to {np.nanmin(ess):.0f}). Run longer chains or more tuning; where the Laplace marginal is not "
+            "smooth in theta (a model with branches, as pt.switch on the random effects) NUTS may not mix over it.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {
+        "max_rhat": float(np.nanmax(rhat)) if n_chains > 1 else float("nan"),
+        "min_ess_bulk": float(np.nanmin(ess)),
+    }
 
 
 def conditional_random_effects(
@@ -347,7 +380,7 @@ def conditional_random_effects(
                 starts = np.broadcast_to(base.b, (rows.size, base.b.size))
                 modes, factor, failures = laplace.solve_inner_batch(theta_draws[rows], starts)
                 if failures:
-                    k, err = failures[0]
+                    _, err = failures[0]
                     raise InnerSolveError(f"The random effects could not be drawn at an accepted theta draw: {err}")
                 z = rng.standard_normal(modes.shape)
                 unconstrained[rows[:, None], compiled.theta_in_joint[None, :]] = theta_draws[rows]

@@ -7,8 +7,6 @@ noise (Kalman filter), where the Laplace marginal is exact; cbpp against full-mo
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pymc as pm
 import pytensor.tensor as pt

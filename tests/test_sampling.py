@@ -1,7 +1,8 @@
 """NUTS over the outer parameters with the Laplace marginal as a pytensor Op (``sample_integrated``).
 
 References: the analytic marginal of a Gaussian random-intercept model (where the Laplace marginal is exact), the
-exact posterior of its hyperparameters by quadrature, and NUTS on the full models (random effects sampled, nothing integrated out).
+exact posterior of its hyperparameters by quadrature, and NUTS on the full models (random effects sampled,
+nothing integrated out).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def test_op_value_and_gradient_are_the_analytic_marginal(gaussian_marginal):
 
 
 def test_op_adds_the_prior_with_its_jacobian(gaussian_marginal):
-    model, laplace = gaussian_marginal
+    _, laplace = gaussian_marginal
     op = LaplaceMarginalOp(laplace, prior=True)
     x = np.array([0.7, np.log(0.9), np.log(1.3)])
     value, _ = op.evaluate(x)
@@ -186,6 +187,17 @@ def test_result_is_what_pm_sample_returns(gaussian_fits):
     assert get_group(integrated, "log_likelihood")["y"].shape == (2, 1000, GROUP.size)
     attrs = get_group(integrated, "posterior").attrs
     assert attrs["method"] == "integrated_laplace_nuts" and attrs["inner_failures"] == 0
+    assert attrs["max_rhat"] < 1.01 and attrs["min_ess_bulk"] > 400
+
+
+def test_chains_too_short_to_converge_are_reported(gaussian_marginal):
+    model, laplace = gaussian_marginal
+    with pytest.warns(UserWarning, match="have not converged.*bulk ESS below 100 per chain for .*tau_log__"):
+        result = sample_integrated(
+            model, random=["u"], compiled_marginal=laplace, draws=15, tune=15, chains=2, random_seed=8,
+            progressbar=False,
+        )  # fmt: skip
+    assert get_group(result, "posterior").attrs["min_ess_bulk"] < 200
 
 
 def test_cbpp_beside_full_nuts(mixed_marginal, cbpp_full_nuts):
