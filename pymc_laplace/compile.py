@@ -790,6 +790,9 @@ class CompiledSplit:
         The whole model compiled as for ``fit_laplace`` (draws, posterior variables, data groups).
     theta_in_joint, b_in_joint : ndarray of int
         Where ``theta`` and ``b`` sit in ``joint.layout``.
+    joint_grads, joint_grads_batched : callable
+        ``(b, theta) -> (l, dl/db, dl/dtheta)``, and the same over a batch (None as ``joint_value_batched``): the
+        gradient of adaptive Gauss-Hermite quadrature needs both gradients at every node.
     """
 
     theta_layout: FlatLayout
@@ -817,6 +820,8 @@ class CompiledSplit:
     joint: CompiledJoint
     theta_in_joint: np.ndarray
     b_in_joint: np.ndarray
+    joint_grads: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None = None
+    joint_grads_batched: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None = None
 
 
 @_timed
@@ -942,6 +947,8 @@ def compile_split(
         joint=joint,
         theta_in_joint=layout.indices(list(theta_layout.names)) if theta_values else np.zeros(0, dtype=int),
         b_in_joint=layout.indices(list(b_layout.names)),
+        joint_grads=bound["joint_grads"],
+        joint_grads_batched=bound["joint_grads_batched"] if batchable else None,
     )
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled
@@ -1066,6 +1073,8 @@ def _split_functions(
         return {
             "joint_value": ([*data, b, theta], joint_lp),
             "joint_grad": ([*data, b, theta], [joint_lp, grad_b]),
+            "joint_grads": ([*data, b, theta], [joint_lp, grad_b, grad_theta]),
+            "joint_grads_batched": ([*data, b_batch, theta_batch], batched([joint_lp, grad_b, grad_theta])),
             "joint_newton": ([*data, b, theta, directions], [joint_lp, grad_b, hv]),
             "joint_value_batched": ([*data, b_batch, theta_batch], batched(joint_lp)),
             "joint_newton_batched": ([*data, b_batch, theta_batch, directions], batched([joint_lp, grad_b, hv])),
@@ -1088,8 +1097,8 @@ def _split_functions(
         [b, theta, *data], [joint_lp, prior, natural, loglik], "split", stacked_colors, sorted(kwargs.items())
     )
     names = (
-        "joint_value", "joint_grad", "joint_newton", "joint_value_batched", "joint_newton_batched", "outer_terms",
-        "mixed_product", "cross_product", "likelihood", "prior", "natural",
+        "joint_value", "joint_grad", "joint_grads", "joint_grads_batched", "joint_newton", "joint_value_batched",
+        "joint_newton_batched", "outer_terms", "mixed_product", "cross_product", "likelihood", "prior", "natural",
     )  # fmt: skip
     return {
         name: _LazyFunction(

@@ -30,6 +30,7 @@ from pymc_laplace.gaussian import FLAT_DIRECTION_RTOL, LOG_2PI, describe_directi
 from pymc_laplace.inla import DesignSettings, fit_by_design
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
+from pymc_laplace.quadrature import LAPLACE_ERROR_WARNING, check_quadrature, default_check, quadrature_value_and_grad
 
 _NO_RANDOM = "Name the random effects to integrate out; fit_laplace fits a model with nothing integrated out."
 
@@ -381,6 +382,7 @@ def fit_integrated_laplace(
     include_transformed: bool = False,
     non_positive_definite: Literal["raise", "warn"] = "raise",
     design: DesignSettings | None = None,
+    n_agq: int = 1,
 ) -> Any:
     """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
 
@@ -420,6 +422,11 @@ def fit_integrated_laplace(
         Add the ``unconstrained_posterior`` group (the draws of each value variable), as :func:`fit_laplace`.
     design : DesignSettings, optional
         Settings of the grid or the CCD (spacing, log-density drop kept, radius factor).
+    n_agq : int
+        Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
+        (lme4's ``nAGQ``, here for blocks of any size: ``n_agq^d`` nodes per block of ``d``). 1 is Laplace; more
+        nodes maximise the quadrature marginal likelihood with its exact gradient
+        (:func:`pymc_laplace.quadrature.quadrature_value_and_grad`). Needs a block-diagonal ``Q``.
     non_positive_definite : {"raise", "warn"}
         What to do when the negative Hessian of the marginal is not positive definite at the estimate (glmmTMB's
         ``pdHess = FALSE``): raise :class:`HessianNotPositiveDefiniteError` (default), or return the estimates with a
@@ -476,6 +483,12 @@ def fit_integrated_laplace(
     compiled = laplace.compiled
     optimizer = optimizer or OuterOptimizer()
     rng = np.random.default_rng(random_seed)
+    if not isinstance(n_agq, (int, np.integer)) or isinstance(n_agq, bool) or n_agq < 1:
+        raise ModelSpecificationError(f"`n_agq` must be a positive integer, not {n_agq!r}.")
+    if n_agq > 1:
+        if method in ("grid", "ccd"):
+            raise ModelSpecificationError("`n_agq` > 1 is for method='ml' or 'map'.")
+        check_quadrature(laplace, n_agq)  # raises, with the reason, where the blocks do not allow it
     if method in ("grid", "ccd"):
         return fit_by_design(
             laplace, strategy=method, settings=design or DesignSettings(), optimizer=optimizer, draws=draws,
@@ -484,7 +497,10 @@ def fit_integrated_laplace(
         )  # fmt: skip
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        value, grad = laplace.value_and_grad(theta)
+        if n_agq > 1:
+            value, grad = quadrature_value_and_grad(laplace, theta, n_agq)
+        else:
+            value, grad = laplace.value_and_grad(theta)
         if method == "map":
             prior, prior_grad = compiled.prior(theta)
             value, grad = value + float(prior), grad + prior_grad
@@ -571,14 +587,13 @@ def fit_integrated_laplace(
     reported_covariance[undefined, :] = np.nan
     reported_covariance[:, undefined] = np.nan
     solution = laplace.solve_inner(outer.theta)
-    log_lik = laplace.value(outer.theta)
+    log_lik = laplace.value(outer.theta) if n_agq == 1 else quadrature_value_and_grad(laplace, outer.theta, n_agq)[0]
     jac = laplace.mode_jacobian(outer.theta)
     b_var = solution.factor.diagonal_of_inverse() + np.einsum("ij,jk,ik->i", jac, covariance, jac)
     n_params = outer.theta.size
     # Laplace against adaptive Gauss-Hermite quadrature at the estimate, where that takes a few hundred evaluations
-    from pymc_laplace.quadrature import LAPLACE_ERROR_WARNING, default_check
 
-    laplace_error = default_check(laplace, outer.theta) if not boundary.size else float("nan")
+    laplace_error = default_check(laplace, outer.theta) if not boundary.size and n_agq == 1 else float("nan")
     if abs(laplace_error) >= LAPLACE_ERROR_WARNING:
         warnings.warn(
             f"Laplace's log likelihood at the estimate is off by {laplace_error:+.3g} against adaptive Gauss-Hermite "
@@ -698,6 +713,7 @@ def fit_integrated_laplace(
         "boundary": described,
         "not_positive_definite": not_positive,
         "failed_theta_draws": len(failed),
+        "n_agq": int(n_agq),
         # AGHQ minus Laplace log likelihood at the estimate (NaN where not checked: crossed effects, many blocks)
         "laplace_error_aghq": laplace_error,
         # levels of each random effect in `random`: the length of its first axis (glmmTMB's "groups: ...")

@@ -71,6 +71,28 @@ def gauss_hermite_product(n_nodes: int, dim: int) -> tuple[np.ndarray, np.ndarra
     return nodes, log_w
 
 
+def check_quadrature(laplace: LaplaceMarginal, n_nodes: int) -> BlockStructure:
+    """The marginal's block structure, after checking that quadrature with ``n_nodes`` per dimension is possible."""
+    if not isinstance(n_nodes, (int, np.integer)) or n_nodes < 1:
+        raise ModelSpecificationError(f"`n_nodes` must be a positive integer, not {n_nodes!r}.")
+    structure = laplace.structure
+    if not isinstance(structure, BlockStructure):
+        raise ModelSpecificationError(
+            "Adaptive Gauss-Hermite quadrature needs independent blocks of random effects (a block-diagonal Hessian); "
+            "here crossed or nested effects couple them into one sparse system. Use importance sampling, or "
+            "sample_integrated / full NUTS to check the Laplace approximation."
+        )
+    largest = structure.largest_block
+    if n_nodes**largest > MAX_NODES_PER_BLOCK:
+        raise ModelSpecificationError(
+            f"{n_nodes} nodes per dimension over blocks of {largest} random effects is {n_nodes**largest:,} nodes per "
+            f"block, more than {MAX_NODES_PER_BLOCK:,}; use fewer nodes. (Crossed or nested effects join their "
+            "groups into one block: quadrature over it is out of reach, and importance sampling or "
+            "sample_integrated / full NUTS are the checks of Laplace there.)"
+        )
+    return structure
+
+
 def block_quadrature(
     laplace: LaplaceMarginal, theta: np.ndarray, n_nodes: int, *, batched: bool = True
 ) -> BlockQuadrature:
@@ -95,23 +117,7 @@ def block_quadrature(
         ``Q`` is not block-diagonal (crossed or nested effects couple the blocks), ``n_nodes`` is not a positive
         integer, or a block would need more than ``MAX_NODES_PER_BLOCK`` nodes.
     """
-    if not isinstance(n_nodes, (int, np.integer)) or n_nodes < 1:
-        raise ModelSpecificationError(f"`n_nodes` must be a positive integer, not {n_nodes!r}.")
-    structure = laplace.structure
-    if not isinstance(structure, BlockStructure):
-        raise ModelSpecificationError(
-            "Adaptive Gauss-Hermite quadrature needs independent blocks of random effects (a block-diagonal Hessian); "
-            "here crossed or nested effects couple them into one sparse system. Use importance sampling, or "
-            "sample_integrated / full NUTS to check the Laplace approximation."
-        )
-    largest = structure.largest_block
-    if n_nodes**largest > MAX_NODES_PER_BLOCK:
-        raise ModelSpecificationError(
-            f"{n_nodes} nodes per dimension over blocks of {largest} random effects is {n_nodes**largest:,} nodes per "
-            f"block, more than {MAX_NODES_PER_BLOCK:,}; use fewer nodes. (Crossed or nested effects join their "
-            "groups into one block: quadrature over it is out of reach, and importance sampling or "
-            "sample_integrated / full NUTS are the checks of Laplace there.)"
-        )
+    structure = check_quadrature(laplace, n_nodes)
     theta = np.asarray(theta, dtype=float)
     compiled = laplace.compiled
     sol = laplace.solve_inner(theta)
@@ -153,6 +159,101 @@ def block_quadrature(
         laplace_log_marginal=float(base + np.sum(laplace_blocks)),
         blocks=blocks,
         block_difference=aghq - laplace_blocks,
+    )
+
+
+def quadrature_value_and_grad(laplace: LaplaceMarginal, theta: np.ndarray, n_nodes: int) -> tuple[float, np.ndarray]:
+    """The AGHQ log marginal likelihood of :func:`block_quadrature` and its exact gradient in ``theta``.
+
+    The nodes move with ``theta`` through the mode ``b^(theta)`` and the Cholesky factors ``L_j`` of the blocks of
+    ``Q(b^(theta), theta)``. With ``p_jk`` the normalised weight of node ``k`` of block ``j``, ``x_jk`` the random
+    effects with block ``j`` at that node and ``g_jk`` the gradient of ``l`` in block ``j`` there:
+
+        dF/dtheta = dl/dtheta(b^) + sum_jk p_jk [dl/dtheta(x_jk) - dl/dtheta(b^)]
+                    + (sum_jk p_jk g_jk) . db^/dtheta - <dQ/dtheta, C>,
+
+    with ``C_j = Q_j^-1 / 2 + L_j^-T sym(Phi(H_j L_j^-T)) L_j^-1``, ``H_j = sqrt(2) sum_k p_jk z_k g_jk^T`` and
+    ``Phi`` the lower triangle with the diagonal halved (the derivative of a Cholesky factor). ``db^/dtheta`` and the
+    total derivative of ``<Q, C>`` (``Q`` depends on ``theta`` also through ``b^``) come from the same compiled
+    products as the Laplace gradient (implicit function theorem, third derivatives by reverse passes). One node is
+    exactly the Laplace gradient.
+    """
+    structure = check_quadrature(laplace, n_nodes)
+    theta = np.asarray(theta, dtype=float)
+    compiled = laplace.compiled
+    sol = laplace.solve_inner(theta)
+    mode = sol.b
+    _, _, grad_theta_mode = _grads_at(compiled, mode[None, :], theta)
+    grad_theta_mode = grad_theta_mode[0]
+    value, grad = sol.joint_logp, grad_theta_mode.copy()
+    v = np.zeros(mode.size)
+    weights = np.zeros(structure.n_colors * structure.n)
+    for idx, chol, mask, slot in zip(
+        structure.groups, sol.factor.cholesky, structure.masks, structure.slots, strict=True
+    ):
+        n_blocks, dim = idx.shape
+        if n_blocks == 0:
+            continue
+        nodes, log_w = gauss_hermite_product(n_nodes, dim)
+        inverse_t = np.linalg.solve(np.swapaxes(chol, -1, -2), np.broadcast_to(np.eye(dim), chol.shape))  # L^-T
+        offsets = np.sqrt(2.0) * np.einsum("bij,kj->bki", inverse_t, nodes)
+        node_values, node_grad_b, node_grad_theta = _block_gradients(compiled, mode, theta, idx, offsets)
+        logits = log_w[None, :] + np.sum(nodes**2, axis=1)[None, :] + (node_values - sol.joint_logp)
+        log_integral = logsumexp(logits, axis=1)
+        p = np.exp(logits - log_integral[:, None])
+        log_det_l = np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+        value += float(np.sum(-log_det_l + 0.5 * dim * np.log(2.0) + log_integral))
+        grad += np.einsum("bk,bkt->t", p, node_grad_theta) - n_blocks * grad_theta_mode
+        v[idx] += np.einsum("bk,bki->bi", p, node_grad_b)
+        h = np.sqrt(2.0) * np.einsum("bk,ki,bkj->bij", p, nodes, node_grad_b)
+        lower = np.tril(h @ inverse_t)
+        lower[..., np.arange(dim), np.arange(dim)] *= 0.5
+        sym = 0.5 * (lower + np.swapaxes(lower, -1, -2))
+        c = 0.5 * inverse_t @ np.swapaxes(inverse_t, -1, -2) + inverse_t @ sym @ np.swapaxes(inverse_t, -1, -2)
+        weights += np.bincount(slot[mask], weights=c[mask], minlength=weights.size)
+    _, dphi_db, dphi_dtheta = compiled.outer_terms(mode, theta, weights.reshape(structure.n_colors, structure.n))
+    w = sol.factor.solve(v - dphi_db)
+    grad = grad + compiled.mixed_product(mode, theta, w) - dphi_dtheta
+    return float(value), np.asarray(grad, dtype=float)
+
+
+def _grads_at(compiled: Any, points: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``l``, ``dl/db`` and ``dl/dtheta`` at each row of ``points`` (batched where the graph allows)."""
+    if compiled.joint_grads_batched is not None:
+        value, grad_b, grad_theta = compiled.joint_grads_batched(
+            points, np.broadcast_to(theta, (len(points), theta.size))
+        )
+        return np.asarray(value), np.asarray(grad_b), np.asarray(grad_theta).reshape(len(points), theta.size)
+    rows = [compiled.joint_grads(point, theta) for point in points]
+    return (
+        np.array([float(r[0]) for r in rows]),
+        np.array([r[1] for r in rows]).reshape(len(points), -1),
+        np.array([r[2] for r in rows]).reshape(len(points), theta.size),
+    )
+
+
+def _block_gradients(
+    compiled: Any, mode: np.ndarray, theta: np.ndarray, idx: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At block ``j`` alone moved to ``mode + offsets[j, k]``: ``l`` (n_blocks, K), ``dl/db`` on block ``j``
+    (n_blocks, K, d) and ``dl/dtheta`` (n_blocks, K, n_theta)."""
+    n_blocks, n_points, dim = offsets.shape
+    total = n_blocks * n_points
+    block_of_row = np.repeat(np.arange(n_blocks), n_points)
+    flat_offsets = offsets.reshape(total, dim)
+    values, grad_b, grad_theta = np.empty(total), np.empty((total, dim)), np.empty((total, theta.size))
+    rows_per_call = max(1, BATCH_ELEMENTS // max(mode.size, 1))
+    for begin in range(0, total, rows_per_call):
+        rows = np.arange(begin, min(begin + rows_per_call, total))
+        points = np.broadcast_to(mode, (rows.size, mode.size)).copy()
+        cols = idx[block_of_row[rows]]
+        points[np.arange(rows.size)[:, None], cols] += flat_offsets[rows]
+        value, gb, gt = _grads_at(compiled, points, theta)
+        values[rows], grad_b[rows], grad_theta[rows] = value, gb[np.arange(rows.size)[:, None], cols], gt
+    return (
+        values.reshape(n_blocks, n_points),
+        grad_b.reshape(n_blocks, n_points, dim),
+        grad_theta.reshape(n_blocks, n_points, theta.size),
     )
 
 

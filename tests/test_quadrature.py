@@ -180,3 +180,77 @@ def test_a_large_error_of_laplace_warns():
 
 def special_expit(x):
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def finite_difference(laplace, theta, n_nodes, h=1e-5):
+    steps = np.eye(theta.size) * h
+    return np.array(
+        [
+            (block_quadrature(laplace, theta + e, n_nodes).log_marginal
+             - block_quadrature(laplace, theta - e, n_nodes).log_marginal) / (2 * h)
+            for e in steps
+        ]
+    )  # fmt: skip
+
+
+def test_quadrature_gradient_is_exact(cbpp_marginal):
+    import pymc as pm
+
+    from pymc_laplace.quadrature import quadrature_value_and_grad
+
+    theta = np.array([*CBPP_GLMER[25][0], np.log(CBPP_GLMER[25][1])])
+    for n_nodes in (5, 25):
+        value, grad = quadrature_value_and_grad(cbpp_marginal, theta, n_nodes)
+        assert value == pytest.approx(block_quadrature(cbpp_marginal, theta, n_nodes).log_marginal, abs=1e-10)
+        np.testing.assert_allclose(grad, finite_difference(cbpp_marginal, theta, n_nodes), atol=1e-6)
+    # one node is Laplace's gradient
+    np.testing.assert_allclose(
+        quadrature_value_and_grad(cbpp_marginal, theta, 1)[1], cbpp_marginal.value_and_grad(theta)[1], atol=1e-8
+    )
+    # blocks of two (a random intercept and slope per group, Poisson)
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(25), 6)
+    x = rng.normal(size=groups.size)
+    y = rng.poisson(np.exp(0.2 + rng.normal(0, 0.5, 25)[groups] + (0.3 + rng.normal(0, 0.4, 25)[groups]) * x))
+    with pm.Model() as model:
+        a = pm.Normal("a", 0, 5)
+        slope = pm.Normal("slope", 0, 5)
+        s_u, s_v = pm.HalfNormal("s_u", 1.0), pm.HalfNormal("s_v", 1.0)
+        u, v = pm.Normal("u", 0, s_u, shape=25), pm.Normal("v", 0, s_v, shape=25)
+        pm.Poisson("y", pm.math.exp(a + u[groups] + (slope + v[groups]) * x), observed=y)
+    laplace = marginal(model, random=["u", "v"])
+    theta = np.array([0.2, 0.3, np.log(0.5), np.log(0.4)])
+    value, grad = quadrature_value_and_grad(laplace, theta, 7)
+    assert all(block.size == 2 for block in block_quadrature(laplace, theta, 1).blocks)
+    np.testing.assert_allclose(grad, finite_difference(laplace, theta, 7), atol=1e-6)
+
+
+def test_cbpp_fit_with_25_nodes_matches_glmer(cbpp_marginal, mixed_marginal):
+    from pymc_laplace import fit_integrated_laplace, get_group, summary
+
+    model, random, _ = mixed_marginal("cbpp")
+    result = fit_integrated_laplace(
+        model, random=random, compiled_marginal=cbpp_marginal, n_agq=25, draws=10, chains=1, progressbar=False,
+        random_seed=1,
+    )  # fmt: skip
+    fit = get_group(result, "fit")
+    beta, sd, exact = CBPP_GLMER[25]
+    estimate = fit["mean_vector"].values
+    np.testing.assert_allclose(estimate[:4], beta, atol=2e-4)
+    assert np.exp(estimate[4]) == pytest.approx(sd, abs=2e-4)
+    # the maximum of the exact (to 1e-7) likelihood: at least glmer's, by no more than its optimiser leaves
+    assert exact - 1e-7 <= float(fit["log_marginal_likelihood"]) <= exact + 1e-4
+    # glmer's standard errors (its Hessian of the nAGQ = 25 deviance)
+    se = summary(result).loc[lambda t: t["scale"] == "unconstrained", "std_error"].values[:4]
+    np.testing.assert_allclose(se, [0.23351138, 0.30676820, 0.32676716, 0.42759571], rtol=2e-3)
+    assert get_group(result, "posterior").attrs["n_agq"] == 25
+
+
+def test_n_agq_is_checked(mixed_marginal):
+    from pymc_laplace import fit_integrated_laplace
+
+    model, random, crossed = mixed_marginal("penicillin")
+    with pytest.raises(ModelSpecificationError, match="blocks of 30"):
+        fit_integrated_laplace(model, random=random, compiled_marginal=crossed, n_agq=3, progressbar=False)
+    with pytest.raises(ModelSpecificationError, match="positive integer"):
+        fit_integrated_laplace(model, random=random, compiled_marginal=crossed, n_agq=0, progressbar=False)
