@@ -2,6 +2,7 @@
 
 from pymc_laplace._compat import get_group
 from pymc_laplace.compile import clear_compile_cache
+from pymc_laplace.consistency import check_consistency
 from pymc_laplace.diagnostics import importance_resample, pareto_smooth
 from pymc_laplace.errors import (
     ApproximationWarning,
@@ -38,6 +39,7 @@ __all__ = [
     "OptimizationError",
     "OuterOptimizer",
     "StartPointError",
+    "check_consistency",
     "check_laplace",
     "clear_compile_cache",
     "confint",

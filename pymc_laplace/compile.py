@@ -793,6 +793,9 @@ class CompiledSplit:
     joint_grads, joint_grads_batched : callable
         ``(b, theta) -> (l, dl/db, dl/dtheta)``, and the same over a batch (None as ``joint_value_batched``): the
         gradient of adaptive Gauss-Hermite quadrature needs both gradients at every node.
+    data_containers : tuple of shared variables
+        Every data container the functions read (observed ``pm.Data`` included): a solution cached for one set of
+        their values is not reused for another.
     """
 
     theta_layout: FlatLayout
@@ -822,6 +825,7 @@ class CompiledSplit:
     b_in_joint: np.ndarray
     joint_grads: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None = None
     joint_grads_batched: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None = None
+    data_containers: tuple[Any, ...] = ()
 
 
 @_timed
@@ -928,6 +932,7 @@ def compile_split(
         colors=colors,
         pattern_fallbacks=walked.fallback_ops,
         pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
+        data_containers=tuple(shared),
         repattern=lambda: walk_hessian_pattern(walked_joint, b, walk_point, warn=False).pattern,
         joint_value=bound["joint_value"],
         joint_grad=bound["joint_grad"],
@@ -1293,3 +1298,59 @@ def _fingerprint(value: Any) -> tuple:
     if array.dtype == object:
         raise TypeError("not a numeric value")
     return (array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest())
+
+
+def observed_as_data(model: pm.Model) -> tuple[pm.Model, dict[str, TensorSharedVariable]]:
+    """A copy of ``model`` whose observed values are data containers, so that compiled functions take them as inputs.
+
+    Returns the copy and, by observed variable name, the shared variable that holds its values (one already in the
+    model when the observations were given as ``pm.Data``). The graph is otherwise the model's own, so everything
+    compiled for the copy serves any values of the observations: one compilation for many simulated data sets.
+    """
+    from pymc.model.fgraph import ModelObservedRV, fgraph_from_model, model_from_fgraph
+
+    fgraph, _ = fgraph_from_model(model)
+    containers: dict[str, TensorSharedVariable] = {}
+    replacements = []
+    for node in fgraph.toposort():
+        if not isinstance(node.op, ModelObservedRV):
+            continue
+        name = node.outputs[0].name
+        value = node.inputs[1]
+        if isinstance(value, SharedVariable):
+            containers[name] = value
+            continue
+        data = np.asarray(_data_value(value))
+        shared = pytensor.shared(data.astype(value.type.dtype), name=f"{name}_observed", shape=data.shape)
+        replacements.append((value, shared))
+        containers[name] = shared
+    if replacements:
+        fgraph.replace_all(replacements, import_missing=True)
+    return model_from_fgraph(fgraph, mutate_fgraph=True), containers
+
+
+def simulate_observed(
+    model: pm.Model, values: Mapping[str, np.ndarray], draws: int, random_seed: Any
+) -> dict[str, np.ndarray]:
+    """``draws`` data sets from ``model`` with the free variables in ``values`` fixed there (the others, the random
+    effects, drawn from their distributions given them): observed name -> (draws, *shape)."""
+    from pymc_laplace._compat import get_group
+
+    with pm.do(model, dict(values)):
+        simulated = pm.sample_prior_predictive(draws=draws, random_seed=random_seed)
+    group = get_group(simulated, "prior_predictive")
+    shapes = {rv.name: np.shape(_data_value(model.rvs_to_values[rv])) for rv in model.observed_RVs}
+    return {name: np.asarray(group[name].values).reshape(draws, *shape) for name, shape in shapes.items()}
+
+
+def outer_values(model: pm.Model, theta_layout: FlatLayout, theta: np.ndarray) -> dict[str, np.ndarray]:
+    """The free variables of ``theta_layout`` at the unconstrained ``theta``, on their own scale, by RV name."""
+    values = {}
+    rv_of_value = {value.name: rv for rv, value in model.rvs_to_values.items()}
+    for name, value in theta_layout.split(np.asarray(theta, dtype=float)).items():
+        rv = rv_of_value[name]
+        transform = model.rvs_to_transforms.get(rv)
+        if transform is not None:
+            value = transform.backward(pt.as_tensor_variable(value), *rv.owner.inputs).eval()
+        values[rv.name] = np.asarray(value)
+    return values

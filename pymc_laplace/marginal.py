@@ -132,6 +132,7 @@ class LaplaceMarginal:
         self._warm_start = self.compiled.b_start.copy()
         self._last: InnerSolution | None = None
         self._data_seen = {id(var): value for var, value in self.compiled.pattern_data}
+        self._values_seen = [var.get_value(borrow=True) for var in self.compiled.data_containers]
 
     def check_data(self) -> None:
         """Check that the Hessian pattern still holds for the current values of the model's data containers.
@@ -140,6 +141,11 @@ class LaplaceMarginal:
         ``pm.set_data`` the pattern is walked again; new data whose pattern is covered by the compiled one are
         accepted, anything else raises (the marginal would be silently wrong).
         """
+        values = [var.get_value(borrow=True) for var in self.compiled.data_containers]
+        if any(new is not old for new, old in zip(values, self._values_seen, strict=True)):
+            # other data (observations, covariates): the pattern holds, but a solution for the old values does not
+            self._last = None
+            self._values_seen = values
         changed = [
             var
             for var, _ in self.compiled.pattern_data
