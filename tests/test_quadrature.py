@@ -254,3 +254,30 @@ def test_n_agq_is_checked(mixed_marginal):
         fit_integrated_laplace(model, random=random, compiled_marginal=crossed, n_agq=3, progressbar=False)
     with pytest.raises(ModelSpecificationError, match="positive integer"):
         fit_integrated_laplace(model, random=random, compiled_marginal=crossed, n_agq=0, progressbar=False)
+
+
+def test_importance_sampling_against_the_exact_likelihood(cbpp_marginal):
+    from pymc_laplace.quadrature import importance_log_marginal
+
+    beta, sd, exact = CBPP_GLMER[25]
+    estimate = importance_log_marginal(cbpp_marginal, np.array([*beta, np.log(sd)]), n_draws=20000, random_seed=1)
+    assert estimate.pareto_k < 0.7 and estimate.standard_error < 0.005
+    assert abs(estimate.log_marginal - exact) < 4 * estimate.standard_error
+    assert estimate.difference > 0.03  # Laplace's 0.043 shortfall is seen
+
+
+def test_importance_sampling_is_exact_where_laplace_is_and_checks_crossed_fits(mixed_marginal):
+    from pymc_laplace import check_laplace, fit_integrated_laplace
+    from pymc_laplace.quadrature import importance_log_marginal
+
+    model, random, crossed = mixed_marginal("penicillin")  # Gaussian: the ratios p/q are constant
+    theta = crossed.compiled.theta_start + 0.1
+    for laplace in (crossed, marginal(model, random=random, inner=InnerNewton(factorization="superlu"))):
+        estimate = importance_log_marginal(laplace, theta, n_draws=200, random_seed=2)
+        assert estimate.log_marginal == pytest.approx(laplace.value(theta), abs=1e-9)
+        assert estimate.standard_error < 1e-10
+    result = fit_integrated_laplace(
+        model, random=random, compiled_marginal=crossed, draws=10, chains=1, progressbar=False, random_seed=1
+    )
+    check = check_laplace(result, model, n_draws=300, random_seed=3)  # one block of 30: quadrature is out of reach
+    assert check.blocks.empty and abs(check.difference) < 1e-9 and "importance sampling" in check.advice
