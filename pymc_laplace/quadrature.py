@@ -334,8 +334,9 @@ def check_laplace(
     n_nodes : int
     n_draws, random_seed
         Where the random effects are coupled into one sparse system or a block too large for ``n_nodes`` per
-        dimension (crossed effects), quadrature is out of reach and the check is importance sampling with the Laplace Gaussian as proposal
-        (:func:`importance_log_marginal`) with ``n_draws`` draws; ``blocks`` is then empty.
+        dimension (crossed effects), quadrature is out of reach and the check is importance sampling with the
+        Laplace Gaussian as proposal (:func:`importance_log_marginal`) with ``n_draws`` draws; ``blocks`` is then
+        empty.
 
     Returns
     -------
