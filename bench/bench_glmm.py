@@ -195,9 +195,11 @@ def worker(n_groups: int, draws_up_to: int) -> None:
     del laplace, solution, jac, model
     gc.collect()
 
-    def user_call(model: Any) -> dict[str, float]:
+    def user_call(model: Any, conditional: str = "exact") -> dict[str, float]:
         begin = time.perf_counter()
-        result = pymc_laplace.fit_integrated_laplace(model, random=["u"], progressbar=False, random_seed=1)
+        result = pymc_laplace.fit_integrated_laplace(
+            model, random=["u"], progressbar=False, random_seed=1, conditional=conditional
+        )
         wall = time.perf_counter() - begin
         fit = get_group(result, "fit")
         out = {
@@ -212,6 +214,8 @@ def worker(n_groups: int, draws_up_to: int) -> None:
     _progress(n_groups, started, f"user-facing call on a new model in {record['call_fresh']['wall']:.1f}s")
     record["call_again"] = user_call(fresh_model)
     _progress(n_groups, started, f"user-facing call again in {record['call_again']['wall']:.1f}s")
+    record["call_linear"] = user_call(fresh_model, conditional="linear")
+    _progress(n_groups, started, f"user-facing call with conditional='linear' in {record['call_linear']['wall']:.1f}s")
     record["peak_rss_calls_mb"] = _peak_rss_mb()
     _emit(record)
 
@@ -283,7 +287,7 @@ def run_ours(n_groups: int, args: argparse.Namespace) -> dict:
     for key in ("data_seconds", "compile", "fit", "fit_with_hessian", "se", "worker_wall"):
         if all(key in r for r in done):
             summary[key] = statistics.median(r[key] for r in done)
-    for call in ("call_fresh", "call_again"):
+    for call in ("call_fresh", "call_again", "call_linear"):
         calls = [r[call] for r in done if call in r]
         if calls:
             summary[call] = {k: statistics.median(c[k] for c in calls) for k in calls[0]}
@@ -378,10 +382,12 @@ def report(ours: dict[int, dict], tmb: dict[int, dict], others: dict[int, dict],
             None if r is None else r <= GOAL_TMB_RATIO,
         )
     )
-    for call in ("call_fresh", "call_again"):
+    for call in ("call_fresh", "call_again", "call_linear"):
         c = ours.get(GOAL_DRAWS_G, {}).get(call)
         r = _ratio(c["draws_seconds"], c["fit_seconds"]) if c else None
-        what = "new model" if call == "call_fresh" else "same model again"
+        what = {"call_fresh": "new model", "call_again": "same model again", "call_linear": "conditional='linear'"}[
+            call
+        ]
         lines.append(
             _goal(
                 f"G = {GOAL_DRAWS_G:,} draws_seconds <= {GOAL_DRAWS_RATIO:g}x fit_seconds (default draws, {what})",
@@ -491,6 +497,14 @@ def report(ours: dict[int, dict], tmb: dict[int, dict], others: dict[int, dict],
         "(compile/fit/draws = the result's attrs compile_seconds, fit_seconds, draws_seconds; d/f = "
         "draws_seconds / fit_seconds; peak MB = peak RSS of the worker after both calls)"
     )
+    for g in sizes:
+        c = ours[g].get("call_linear")
+        if c is not None:
+            lines.append(
+                f"{g:>7}: with conditional='linear' (the joint Gaussian, no inner solve per draw): wall "
+                f"{c['wall']:.2f} s, fit {c['fit_seconds']:.2f} s, draws {c['draws_seconds']:.2f} s, d/f "
+                f"{_fmt(_ratio(c['draws_seconds'], c['fit_seconds']), 5, 2)}"
+            )
 
     # 4. ratios against TMB measured in this run
     lines += [

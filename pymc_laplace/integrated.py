@@ -383,6 +383,7 @@ def fit_integrated_laplace(
     non_positive_definite: Literal["raise", "warn"] = "raise",
     design: DesignSettings | None = None,
     n_agq: int = 1,
+    conditional: Literal["exact", "linear"] = "exact",
 ) -> Any:
     """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
 
@@ -422,6 +423,12 @@ def fit_integrated_laplace(
         Add the ``unconstrained_posterior`` group (the draws of each value variable), as :func:`fit_laplace`.
     design : DesignSettings, optional
         Settings of the grid or the CCD (spacing, log-density drop kept, radius factor).
+    conditional : {"exact", "linear"}
+        How the random effects of each draw of ``theta`` are drawn. ``"exact"``: from ``N(b^(theta), Q(theta)^-1)``,
+        one inner solve per draw. ``"linear"``: from ``N(b^ + (d b^/d theta) (theta - theta^), Q(theta^)^-1)``, the
+        joint Gaussian of TMB's ``sdreport`` (no inner solve: for many groups, where the solves cost far more than
+        the fit). Either is a Gaussian proposal whose density is recorded, so k-hat and ``importance_resample``
+        judge and correct it alike.
     n_agq : int
         Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
         (lme4's ``nAGQ``, here for blocks of any size: ``n_agq^d`` nodes per block of ``d``). 1 is Laplace; more
@@ -483,6 +490,8 @@ def fit_integrated_laplace(
     compiled = laplace.compiled
     optimizer = optimizer or OuterOptimizer()
     rng = np.random.default_rng(random_seed)
+    if conditional not in ("exact", "linear"):
+        raise ModelSpecificationError(f"`conditional` must be 'exact' or 'linear', not {conditional!r}.")
     if not isinstance(n_agq, (int, np.integer)) or isinstance(n_agq, bool) or n_agq < 1:
         raise ModelSpecificationError(f"`n_agq` must be a positive integer, not {n_agq!r}.")
     if n_agq > 1:
@@ -645,37 +654,47 @@ def fit_integrated_laplace(
     # random walks); independent blocks factorise for less than compiling the gradient the chord steps need
     chord = None if isinstance(laplace.structure, BlockStructure) else solution.factor
     n_draws, n_b = theta_draws.shape[0], solution.b.size
-    with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
-        began, compile_began = time.perf_counter(), compile_seconds()
-        draw_one(0)
-        bar.update(advance=1)
-        # batched when the draws one at a time would take long enough to pay for compiling the batched graphs; the
-        # first draw's time without what it compiled (the chord steps' gradient), so that the choice, and with it
-        # the draws, are the same whether the functions were compiled or loaded
-        first_draw = (time.perf_counter() - began) - (compile_seconds() - compile_began)
-        batched = first_draw * n_draws > CHEAP_DRAWS_SECONDS
-        batched &= compiled.joint_newton_batched is not None and isinstance(laplace.structure, BlockStructure)
-        if batched:
-            # all theta draws at once, in batches: one compiled call per Newton step for the whole batch, started
-            # from the linear prediction of each mode (b^ + d b^/d theta (theta - theta^))
-            n_obs_total = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
-            per_draw = max(1, laplace.structure.n_colors) * (n_b + n_obs_total)
-            batch = int(np.clip(BATCH_ELEMENTS // per_draw, 1, n_draws))
-            for begin in range(1, n_draws, batch):
-                rows = np.arange(begin, min(begin + batch, n_draws))
-                starts = solution.b + (theta_draws[rows] - outer.theta) @ jac.T
-                modes, factor, failures = laplace.solve_inner_batch(theta_draws[rows], starts)
-                z = rng.standard_normal(modes.shape)
-                unconstrained[rows[:, None], compiled.theta_in_joint[None, :]] = theta_draws[rows]
-                unconstrained[rows[:, None], compiled.b_in_joint[None, :]] = modes + factor.transposed_inverse_times(z)
-                log_q[rows] = 0.5 * factor.log_det() - 0.5 * n_b * LOG_2PI - 0.5 * np.sum(z * z, axis=1)
-                for k, err in failures:
-                    draw_one(int(rows[k]), err)
-                bar.update(advance=rows.size)
-        else:
-            for i in range(1, n_draws):
-                draw_one(i)
-                bar.update(advance=1)
+    if conditional == "linear":
+        # the joint Gaussian: the linear prediction of each mode and the estimate's precision, no inner solve
+        means = solution.b + (theta_draws - outer.theta) @ jac.T
+        unconstrained[:, compiled.theta_in_joint] = theta_draws
+        for i in range(n_draws):
+            b_draw, log_q[i] = solution.factor.sample_given(means[i], rng.standard_normal(n_b))
+            unconstrained[i, compiled.b_in_joint] = b_draw
+    else:
+        with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
+            began, compile_began = time.perf_counter(), compile_seconds()
+            draw_one(0)
+            bar.update(advance=1)
+            # batched when the draws one at a time would take long enough to pay for compiling the batched graphs; the
+            # first draw's time without what it compiled (the chord steps' gradient), so that the choice, and with it
+            # the draws, are the same whether the functions were compiled or loaded
+            first_draw = (time.perf_counter() - began) - (compile_seconds() - compile_began)
+            batched = first_draw * n_draws > CHEAP_DRAWS_SECONDS
+            batched &= compiled.joint_newton_batched is not None and isinstance(laplace.structure, BlockStructure)
+            if batched:
+                # all theta draws at once, in batches: one compiled call per Newton step for the whole batch, started
+                # from the linear prediction of each mode (b^ + d b^/d theta (theta - theta^))
+                n_obs_total = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
+                per_draw = max(1, laplace.structure.n_colors) * (n_b + n_obs_total)
+                batch = int(np.clip(BATCH_ELEMENTS // per_draw, 1, n_draws))
+                for begin in range(1, n_draws, batch):
+                    rows = np.arange(begin, min(begin + batch, n_draws))
+                    starts = solution.b + (theta_draws[rows] - outer.theta) @ jac.T
+                    modes, factor, failures = laplace.solve_inner_batch(theta_draws[rows], starts)
+                    z = rng.standard_normal(modes.shape)
+                    unconstrained[rows[:, None], compiled.theta_in_joint[None, :]] = theta_draws[rows]
+                    unconstrained[rows[:, None], compiled.b_in_joint[None, :]] = (
+                        modes + factor.transposed_inverse_times(z)
+                    )
+                    log_q[rows] = 0.5 * factor.log_det() - 0.5 * n_b * LOG_2PI - 0.5 * np.sum(z * z, axis=1)
+                    for k, err in failures:
+                        draw_one(int(rows[k]), err)
+                    bar.update(advance=rows.size)
+            else:
+                for i in range(1, n_draws):
+                    draw_one(i)
+                    bar.update(advance=1)
     if failed:
         warnings.warn(
             f"{len(failed)} of {theta_draws.shape[0]} theta draws could not be evaluated (the inner solve failed "
@@ -714,6 +733,7 @@ def fit_integrated_laplace(
         "not_positive_definite": not_positive,
         "failed_theta_draws": len(failed),
         "n_agq": int(n_agq),
+        "conditional": conditional,
         # AGHQ minus Laplace log likelihood at the estimate (NaN where not checked: crossed effects, many blocks)
         "laplace_error_aghq": laplace_error,
         # levels of each random effect in `random`: the length of its first axis (glmmTMB's "groups: ...")

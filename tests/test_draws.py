@@ -87,3 +87,30 @@ def test_vars_in_any_order_give_the_same_fit(bioassay_data):
     assert list(fit_reversed["rows"].values) == ["alpha", "beta"]
     np.testing.assert_array_equal(fit_reversed["mean_vector"].values, fit_in_order["mean_vector"].values)
     assert float(in_order["beta"].mean()) > 3.0 > float(in_order["alpha"].mean())  # beta's mode is near 8
+
+
+def test_linear_conditional_draws_are_the_joint_gaussian(mixed_marginal):
+    """conditional="linear": (theta, b) from the joint Gaussian of TMB's sdreport, with its density as log_q."""
+    from scipy import stats
+
+    from pymc_laplace import fit_integrated_laplace, get_group
+
+    model, random, laplace = mixed_marginal("cbpp")
+    result = fit_integrated_laplace(
+        model, random=random, compiled_marginal=laplace, conditional="linear", random_seed=5, progressbar=False
+    )
+    fit, post = get_group(result, "fit"), get_group(result, "posterior")
+    assert post.attrs["conditional"] == "linear"
+    theta_hat, sigma = fit["mean_vector"].values, fit["covariance_matrix"].values
+    solution = laplace.solve_inner(theta_hat)
+    jac = laplace.mode_jacobian(theta_hat)
+    q_inverse = solution.factor.solve(np.eye(solution.b.size))
+    covariance = np.block([[sigma, sigma @ jac.T], [jac @ sigma, q_inverse + jac @ sigma @ jac.T]])
+    theta_draws = np.column_stack([post["beta"].values.reshape(4000, 4), np.log(post["sigma"].values.reshape(4000))])
+    joint = np.column_stack([theta_draws, post["u"].values.reshape(4000, -1)])
+    expected = stats.multivariate_normal(np.r_[theta_hat, solution.b], covariance).logpdf(joint)
+    # log_q is of the unconstrained draws: the same Gaussian
+    log_q = get_group(result, "sample_stats")["log_q"].values.reshape(4000)
+    np.testing.assert_allclose(log_q, expected, atol=1e-8)
+    spread = post["u"].values.reshape(4000, -1).std(axis=0)
+    np.testing.assert_allclose(spread, fit["random_effects_se"].values, rtol=0.06)
