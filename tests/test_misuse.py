@@ -154,7 +154,7 @@ ARGUMENTS: list[Case] = [
     ("random_unknown_marginal", lambda: marginal(grouped(), random=["v"]), ModelSpecificationError,
      r"`random` names 'v', which is not a free variable.*\['sigma', 'u'\]"),
     ("method_unknown", lambda: fit_integrated_laplace(grouped(), random=["u"], method="reml", **QUICK),
-     ModelSpecificationError, r"`method` must be 'ml' or 'map', not 'reml'"),
+     ModelSpecificationError, r"`method` must be 'ml', 'map', 'grid' or 'ccd', not 'reml'"),
     # draws, chains, ridge
     *[
         (f"{entry}_{argument}_{value!r}", call, ModelSpecificationError,
