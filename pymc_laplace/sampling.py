@@ -111,9 +111,6 @@ class LaplaceMarginalOp(Op):
         outputs[0][0] = np.asarray(value, dtype="float64")
         outputs[1][0] = np.asarray(grad, dtype="float64")
 
-    def infer_shape(self, fgraph: Any, node: Apply, input_shapes: list[tuple]) -> list[tuple]:
-        return [(), input_shapes[0]]
-
     def L_op(self, inputs: list[Any], outputs: list[Any], output_grads: list[Any]) -> list[Any]:
         value_grad, gradient_grad = output_grads
         if not isinstance(gradient_grad.type, DisconnectedType):
