@@ -286,7 +286,7 @@ def fit_by_design(
     from pymc_laplace.convert import build_result
     from pymc_laplace.diagnostics import KHAT_THRESHOLD, pareto_smooth
     from pymc_laplace.errors import ApproximationWarning
-    from pymc_laplace.integrated import OuterOptimizer
+    from pymc_laplace.integrated import OuterOptimizer, random_attrs
     from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
     from pymc_laplace.marginal import InnerSolveError
     from pymc_laplace.sampling import LaplaceMarginalOp, conditional_random_effects
@@ -362,8 +362,7 @@ def fit_by_design(
         "random": list(compiled.b_layout.names),
         "design_points": int(design.z.shape[0]),
         "failed_design_points": int(design.failed),
-        "random_levels": [int(shape[0]) if len(shape) else 1 for shape in compiled.b_layout.shapes],
-        "random_sizes": [int(np.prod(shape, dtype=int)) for shape in compiled.b_layout.shapes],
+        **random_attrs(compiled),
         "compile_seconds": compile_drawn - compile_before,
         "fit_seconds": (fitted - started) - (compile_fitted - compile_before),
         "draws_seconds": (drawn - fitted) - (compile_drawn - compile_fitted),
@@ -378,14 +377,7 @@ def fit_by_design(
         fit_matrices={"covariance_matrix": design.covariance},
         fit_scalars={"log_evidence": design.log_evidence, "log_posterior_at_mode": outer.objective},
         labels=labels,
-        optimizer={
-            "iterations": outer.n_iterations,
-            "evaluations": outer.n_evaluations,
-            "grad_norm": outer.grad_norm,
-            "objective": outer.objective,
-            "success": outer.success,
-            "message": outer.message,
-        },
+        optimizer=outer.record(),
         observed_data=compiled.joint.observed_data,
         constant_data=compiled.joint.constant_data,
         attrs=attrs,

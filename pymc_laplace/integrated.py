@@ -108,6 +108,18 @@ class OuterResult:
     n_evaluations: int
     wall_time: float
 
+    def record(self) -> dict[str, Any]:
+        """What the ``optimizer_result`` group records of this optimisation."""
+        return {
+            "iterations": self.n_iterations,
+            "evaluations": self.n_evaluations,
+            "grad_norm": self.grad_norm,
+            "objective": self.objective,
+            "success": self.success,
+            "message": self.message,
+            "wall_time": self.wall_time,
+        }
+
     @property
     def grad_norm(self) -> float:
         return float(np.max(np.abs(self.grad), initial=0.0))
@@ -363,6 +375,36 @@ def likelihood_start(
     return fitted.x if np.isfinite(fitted.fun) and fitted.fun <= at_start else theta0
 
 
+def marginal_for(
+    model: pm.Model,
+    random: Sequence[Any],
+    random_values: list[str],
+    compiled_marginal: LaplaceMarginal | None,
+    inner: InnerNewton | None,
+    initvals: Mapping[str, Any] | None,
+    compile_kwargs: Mapping[str, Any] | None,
+) -> LaplaceMarginal:
+    """The marginal an entry function works with: ``compiled_marginal`` when given (checked to integrate out
+    ``random``), else compiled (or found compiled) for ``model``."""
+    if compiled_marginal is None:
+        return marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
+    if list(compiled_marginal.compiled.b_layout.names) != random_values:
+        raise ModelSpecificationError(
+            f"`compiled_marginal` integrates out {list(compiled_marginal.compiled.b_layout.names)}, not `random` = "
+            f"{random_values}; build it with marginal(model, random=...) for the same random effects."
+        )
+    return compiled_marginal
+
+
+def random_attrs(compiled: Any) -> dict[str, list[int]]:
+    """Levels of each random effect in ``random`` (the length of its first axis: glmmTMB's "groups: ...") and its
+    number of elements, as every integrated result records them."""
+    return {
+        "random_levels": [int(shape[0]) if len(shape) else 1 for shape in compiled.b_layout.shapes],
+        "random_sizes": [int(np.prod(shape, dtype=int)) for shape in compiled.b_layout.shapes],
+    }
+
+
 def fit_integrated_laplace(
     model: pm.Model | Any | None = None,
     *,
@@ -478,15 +520,7 @@ def fit_integrated_laplace(
             "left to optimise once they are integrated out. Use fit_laplace(model) for a Laplace fit of all of "
             "them, or leave a parameter (e.g. a scale or a mean) out of `random`."
         )
-    if compiled_marginal is None:
-        laplace = marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
-    else:
-        laplace = compiled_marginal
-        if list(laplace.compiled.b_layout.names) != random_values:
-            raise ModelSpecificationError(
-                f"`compiled_marginal` integrates out {list(laplace.compiled.b_layout.names)}, not `random` = "
-                f"{random_values}; build it with marginal(model, random=...) for the same random effects."
-            )
+    laplace = marginal_for(model, random, random_values, compiled_marginal, inner, initvals, compile_kwargs)
     compiled = laplace.compiled
     optimizer = optimizer or OuterOptimizer()
     rng = np.random.default_rng(random_seed)
@@ -736,9 +770,7 @@ def fit_integrated_laplace(
         "conditional": conditional,
         # AGHQ minus Laplace log likelihood at the estimate (NaN where not checked: crossed effects, many blocks)
         "laplace_error_aghq": laplace_error,
-        # levels of each random effect in `random`: the length of its first axis (glmmTMB's "groups: ...")
-        "random_levels": [int(shape[0]) if len(shape) else 1 for shape in compiled.b_layout.shapes],
-        "random_sizes": [int(np.prod(shape, dtype=int)) for shape in compiled.b_layout.shapes],
+        **random_attrs(compiled),
         **checked,
         # wall-clock seconds of this call: compiling (graphs built and compiled, none when reused), fitting (outer
         # optimisation, standard errors) and drawing, each without the compiling done within it
@@ -763,13 +795,7 @@ def fit_integrated_laplace(
         },
         labels=theta_labels,
         optimizer={
-            "iterations": outer.n_iterations,
-            "evaluations": outer.n_evaluations,
-            "grad_norm": outer.grad_norm,
-            "objective": outer.objective,
-            "success": outer.success,
-            "message": outer.message,
-            "wall_time": outer.wall_time,
+            **outer.record(),
             "inner_steps_at_estimate": solution.n_steps,
             "inner_grad_norm_at_estimate": solution.grad_norm,
         },

@@ -29,7 +29,7 @@ from pymc_laplace.compile import compile_seconds, resolve_variables, validate_ar
 from pymc_laplace.convert import build_result
 from pymc_laplace.errors import ModelSpecificationError
 from pymc_laplace.gaussian import LOG_2PI
-from pymc_laplace.integrated import OuterOptimizer, marginal
+from pymc_laplace.integrated import OuterOptimizer, marginal_for, random_attrs
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 
@@ -214,15 +214,7 @@ def sample_integrated(
             f"`random` covers every free variable ({sorted(rv.name for rv in model.free_RVs)}): nothing is left for "
             "NUTS to sample once they are integrated out. Leave the hyperparameters out of `random`."
         )
-    if compiled_marginal is None:
-        laplace = marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
-    else:
-        laplace = compiled_marginal
-        if list(laplace.compiled.b_layout.names) != random_values:
-            raise ModelSpecificationError(
-                f"`compiled_marginal` integrates out {list(laplace.compiled.b_layout.names)}, not `random` = "
-                f"{random_values}; build it with marginal(model, random=...) for the same random effects."
-            )
+    laplace = marginal_for(model, random, random_values, compiled_marginal, inner, initvals, compile_kwargs)
     compiled = laplace.compiled
     op = LaplaceMarginalOp(laplace, prior=True)
     theta0 = compiled.theta_start.copy()
@@ -291,8 +283,7 @@ def sample_integrated(
         "method": "integrated_laplace_nuts",
         "random": list(compiled.b_layout.names),
         "inner_failures": failures,
-        "random_levels": [int(shape[0]) if len(shape) else 1 for shape in compiled.b_layout.shapes],
-        "random_sizes": [int(np.prod(shape, dtype=int)) for shape in compiled.b_layout.shapes],
+        **random_attrs(compiled),
         "compile_seconds": compile_drawn - compile_before,
         "sampling_seconds": (sampled - prepared) - (compile_sampled - compile_prepared),
         "draws_seconds": (drawn - sampled) - (compile_drawn - compile_sampled),
