@@ -13,7 +13,7 @@ import pytensor.tensor as pt
 import pytest
 from scipy import stats
 from scipy.special import expit, logsumexp
-from test_sampling import GROUP, N_GROUPS, Y, exact_posterior_moments, gaussian_model
+from test_sampling import N_GROUPS, exact_posterior_moments, gaussian_model, three_layer_log_posterior
 
 from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, get_group, marginal
 from pymc_laplace.inla import DesignSettings, _two_level_design, explore
@@ -22,21 +22,7 @@ FINE = DesignSettings(step=0.75, drop=10.0)
 
 
 def three_layer_exact_evidence(points: int = 161) -> float:
-    mu = np.linspace(-6.0, 8.0, points)[:, None, None]
-    log_tau = np.linspace(np.log(0.02), np.log(30.0), points + 40)[None, :, None]
-    log_sigma = np.linspace(np.log(0.3), np.log(3.0), points + 40)[None, None, :]
-    tau2, sigma2 = np.exp(2 * log_tau), np.exp(2 * log_sigma)
-    log_density = stats.norm(0, 5).logpdf(mu) + stats.halfnorm(scale=2).logpdf(np.exp(log_tau)) + log_tau
-    log_density = log_density + stats.halfnorm(scale=2).logpdf(np.exp(log_sigma)) + log_sigma
-    for j in range(N_GROUPS):
-        r = Y[GROUP == j][:, None, None, None] - mu
-        n = r.shape[0]
-        total, square = r.sum(axis=0), (r * r).sum(axis=0)
-        quadratic = (square - tau2 / (sigma2 + n * tau2) * total**2) / sigma2
-        log_density = log_density - 0.5 * (
-            n * np.log(2 * np.pi) + (n - 1) * np.log(sigma2) + np.log(sigma2 + n * tau2) + quadratic
-        )
-    volume = np.diff(mu[:2, 0, 0])[0] * np.diff(log_tau[0, :2, 0])[0] * np.diff(log_sigma[0, 0, :2])[0]
+    _, log_density, volume = three_layer_log_posterior(points)
     return float(logsumexp(log_density) + np.log(volume))
 
 

@@ -110,9 +110,10 @@ def test_op_reports_a_failed_inner_solve_as_zero_density():
     assert "did not converge" in op.first_failure
 
 
-def exact_posterior_moments(points: int = 161, widen: float = 0.0) -> dict[str, tuple[float, float]]:
-    """Posterior mean and SD of mu, tau, sigma by quadrature over a grid of (mu, log tau, log sigma), with the
-    marginal in closed form: each group's covariance is ``sigma^2 I + tau^2 J`` (compound symmetry)."""
+def three_layer_log_posterior(points: int = 161, widen: float = 0.0):
+    """The exact log posterior of (mu, log tau, log sigma) on a grid, with the marginal in closed form: each group's
+    covariance is ``sigma^2 I + tau^2 J`` (compound symmetry). Returns the values on the grid's axes, the log
+    density (priors and Jacobians included) and the volume of a cell."""
     mu = np.linspace(-6.0 - widen, 8.0 + widen, points)[:, None, None]
     log_tau = np.linspace(np.log(0.02) - widen, np.log(30.0) + widen, points + 40)[None, :, None]
     log_sigma = np.linspace(np.log(0.3) - widen, np.log(3.0) + widen, points + 40)[None, None, :]
@@ -126,9 +127,15 @@ def exact_posterior_moments(points: int = 161, widen: float = 0.0) -> dict[str, 
         log_det = (n - 1) * np.log(sigma2) + np.log(sigma2 + n * tau2)
         quadratic = (square - tau2 / (sigma2 + n * tau2) * total**2) / sigma2
         log_density = log_density - 0.5 * (n * np.log(2 * np.pi) + log_det + quadratic)
+    volume = np.diff(mu[:2, 0, 0])[0] * np.diff(log_tau[0, :2, 0])[0] * np.diff(log_sigma[0, 0, :2])[0]
+    return {"mu": mu, "tau": np.exp(log_tau), "sigma": np.exp(log_sigma)}, log_density, volume
+
+
+def exact_posterior_moments(points: int = 161, widen: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Posterior mean and SD of mu, tau, sigma by quadrature over :func:`three_layer_log_posterior`."""
+    values, log_density, _ = three_layer_log_posterior(points, widen)
     weight = np.exp(log_density - log_density.max())
     weight /= weight.sum()
-    values = {"mu": mu, "tau": np.exp(log_tau), "sigma": np.exp(log_sigma)}
     result = {}
     for name, value in values.items():
         mean = float(np.sum(weight * value))
