@@ -281,3 +281,23 @@ def test_importance_sampling_is_exact_where_laplace_is_and_checks_crossed_fits(m
     )
     check = check_laplace(result, model, n_draws=300, random_seed=3)  # one block of 30: quadrature is out of reach
     assert check.blocks.empty and abs(check.difference) < 1e-9 and "importance sampling" in check.advice
+
+
+def test_more_misuse_of_the_checks_is_refused(mixed_marginal, cbpp_marginal):
+    import pymc as pm
+
+    from pymc_laplace import check_laplace, fit_integrated_laplace, fit_laplace
+    from pymc_laplace.quadrature import importance_log_marginal
+
+    model, random, _ = mixed_marginal("cbpp")
+    with pytest.raises(ModelSpecificationError, match="`conditional` must be 'exact' or 'linear'"):
+        fit_integrated_laplace(model, random=random, compiled_marginal=cbpp_marginal, conditional="exactly")
+    with pytest.raises(ModelSpecificationError, match="`n_agq` > 1 is for method='ml' or 'map'"):
+        fit_integrated_laplace(model, random=random, compiled_marginal=cbpp_marginal, method="grid", n_agq=3)
+    with pytest.raises(ModelSpecificationError, match="at least 25"):
+        importance_log_marginal(cbpp_marginal, cbpp_marginal.compiled.theta_start, n_draws=10)
+    with pm.Model() as other:
+        pm.Normal("z", 0.0, 1.0)
+    laplace_fit = fit_laplace(other, draws=10, chains=1, progressbar=False)
+    with pytest.raises(ModelSpecificationError, match="fit_integrated_laplace result"):
+        check_laplace(laplace_fit, other)
