@@ -1,7 +1,7 @@
 """Laplace and integrated-Laplace fits of PyMC models, returned as the object ``pm.sample`` returns."""
 
 from pymc_laplace._compat import get_group
-from pymc_laplace.compile import clear_compile_cache
+from pymc_laplace.compile.graphs import clear_compile_cache
 from pymc_laplace.consistency import check_consistency
 from pymc_laplace.diagnostics import importance_resample, pareto_smooth
 from pymc_laplace.errors import (

@@ -11,7 +11,7 @@ import pymc as pm
 import xarray as xr
 
 from pymc_laplace import _compat
-from pymc_laplace.compile import DataVariable, PosteriorVariable
+from pymc_laplace.compile.graphs import DataVariable, PosteriorVariable
 
 SAMPLE_DIMS = ("chain", "draw")
 

@@ -282,7 +282,7 @@ def fit_by_design(
     import warnings
 
     from pymc_laplace._progress import progress_bar
-    from pymc_laplace.compile import compile_seconds
+    from pymc_laplace.compile.graphs import compile_seconds
     from pymc_laplace.convert import build_result
     from pymc_laplace.diagnostics import KHAT_THRESHOLD, pareto_smooth
     from pymc_laplace.errors import ApproximationWarning

@@ -15,7 +15,7 @@ import scipy.optimize
 
 from pymc_laplace._progress import progress_bar
 from pymc_laplace.blocks import BlockStructure
-from pymc_laplace.compile import compile_seconds, compile_split, resolve_variables, validate_arguments
+from pymc_laplace.compile.graphs import compile_seconds, compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
 from pymc_laplace.diagnostics import check_approximation
 from pymc_laplace.errors import (

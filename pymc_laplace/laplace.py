@@ -9,7 +9,7 @@ import numpy as np
 import pymc as pm
 
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.compile import (
+from pymc_laplace.compile.graphs import (
     CompiledJoint,
     compile_joint,
     resolve_variables,

@@ -30,7 +30,7 @@ from pymc_laplace.blocks import (
     block_structure,
     factor_blocks_batched,
 )
-from pymc_laplace.compile import CompiledSplit
+from pymc_laplace.compile.graphs import CompiledSplit
 from pymc_laplace.errors import LaplaceError, ModelSpecificationError
 from pymc_laplace.sparse import SparseFactor, SparsePattern, cholmod_available, sparse_pattern
 

@@ -12,7 +12,7 @@ import pymc as pm
 import xarray as xr
 
 from pymc_laplace._compat import get_group
-from pymc_laplace.compile import element_labels
+from pymc_laplace.compile.graphs import element_labels
 from pymc_laplace.errors import ModelSpecificationError
 from pymc_laplace.formulas import is_bambi_model
 

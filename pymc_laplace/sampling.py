@@ -25,7 +25,7 @@ from pytensor.graph.op import Op
 from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
 from pymc_laplace.blocks import BlockStructure
-from pymc_laplace.compile import compile_seconds, resolve_variables, validate_arguments
+from pymc_laplace.compile.graphs import compile_seconds, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
 from pymc_laplace.errors import ModelSpecificationError
 from pymc_laplace.gaussian import LOG_2PI

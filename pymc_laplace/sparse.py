@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
 from pymc_laplace.errors import ModelSpecificationError
-from pymc_laplace.structure import recovery_slots
+from pymc_laplace.compile.structure import recovery_slots
 
 SparseBackend = Literal["cholmod", "superlu"]
 

@@ -44,16 +44,16 @@ def data_path(name: str) -> Path:
 @pytest.fixture
 def compile_count(monkeypatch):
     """Number of pytensor functions compiled since the fixture was made (loads from disk are not counted)."""
-    import pymc_laplace.compile
+    import pymc_laplace.compile.graphs
 
     calls = []
-    original = pymc_laplace.compile.compile_graph
+    original = pymc_laplace.compile.graphs.compile_graph
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pymc_laplace.compile, "compile_graph", counted)
+    monkeypatch.setattr(pymc_laplace.compile.graphs, "compile_graph", counted)
     return calls
 
 

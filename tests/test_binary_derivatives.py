@@ -7,7 +7,7 @@ import pymc as pm
 import pytest
 from scipy.special import expit, gammaln
 
-from pymc_laplace.compile import compile_joint
+from pymc_laplace.compile.graphs import compile_joint
 
 
 @pytest.mark.parametrize("family", ["bernoulli", "binomial"])

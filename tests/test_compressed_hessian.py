@@ -8,7 +8,7 @@ import pymc as pm
 import pytensor
 from pytensor.gradient import hessian
 
-from pymc_laplace.compile import COMPRESSED_HESSIAN_MIN_SIZE, compile_joint
+from pymc_laplace.compile.graphs import COMPRESSED_HESSIAN_MIN_SIZE, compile_joint
 
 N = 90
 RNG = np.random.default_rng(5)
@@ -44,7 +44,7 @@ def dense_reference(model: pm.Model, x: np.ndarray) -> np.ndarray:
 
 
 def test_compressed_hessian_equals_the_dense_hessian_before_and_after_set_data(monkeypatch):
-    import pymc_laplace.compile as compile_module
+    import pymc_laplace.compile.graphs as compile_module
 
     recovered = []
     recover = compile_module._HessianCompression.recover

@@ -18,7 +18,7 @@ import scipy.stats
 
 from pymc_laplace import clear_compile_cache, fit_integrated_laplace
 from pymc_laplace._compat import get_group
-from pymc_laplace.function_cache import SUFFIX, graph_digest
+from pymc_laplace.compile.function_cache import SUFFIX, graph_digest
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_digest_is_the_same_in_another_process():
         """
         import numpy as np, pymc as pm
         from pymc.pytensorf import join_nonshared_inputs
-        from pymc_laplace.function_cache import graph_digest
+        from pymc_laplace.compile.function_cache import graph_digest
         with pm.Model() as model:
             sd = pm.HalfNormal("sd", 2.0)
             u = pm.Normal("u", 0.0, sd, shape=4)

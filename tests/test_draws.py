@@ -11,7 +11,7 @@ import pytest
 
 from pymc_laplace import fit_laplace
 from pymc_laplace._compat import get_group
-from pymc_laplace.compile import PosteriorVariable
+from pymc_laplace.compile.graphs import PosteriorVariable
 from pymc_laplace.laplace import DRAWS_PER_BATCH, evaluate_draws
 
 

@@ -232,12 +232,12 @@ def test_argument_errors_come_before_any_compilation(call, error, match, monkeyp
     """Cheap checks at the top of the entry functions: misuse never waits for (or fails inside) pytensor."""
     import pymc.initial_point
 
-    import pymc_laplace.compile
+    import pymc_laplace.compile.graphs
 
     def no_compilation(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("compiled before the arguments were checked")
 
-    monkeypatch.setattr(pymc_laplace.compile, "compile_graph", no_compilation)
+    monkeypatch.setattr(pymc_laplace.compile.graphs, "compile_graph", no_compilation)
     monkeypatch.setattr(pymc.initial_point, "make_initial_point_fn", no_compilation)
     with pytest.raises(error, match=match):
         call()

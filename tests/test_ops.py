@@ -9,8 +9,8 @@ import pytensor.tensor as pt
 import pytest
 from pytensor.graph.replace import vectorize_graph
 
-from pymc_laplace import ops
-from pymc_laplace.ops import ScatterAddRows, TakeColumns, with_fast_kernels
+from pymc_laplace.compile import ops
+from pymc_laplace.compile.ops import ScatterAddRows, TakeColumns, with_fast_kernels
 
 
 @pytest.mark.filterwarnings("ignore:Numba will use object mode")

@@ -27,7 +27,7 @@ from pymc_laplace.sparse import (
     sparse_pattern,
     takahashi_inverse,
 )
-from pymc_laplace.structure import color_columns
+from pymc_laplace.compile.structure import color_columns
 
 BACKENDS = [
     "superlu",

@@ -109,7 +109,7 @@ def dumps(obj: Any) -> bytes:
 @functools.cache
 def _environment() -> bytes:
     """Everything besides the graphs that decides what compiling them gives."""
-    import pymc_laplace.compile as graph_building
+    import pymc_laplace.compile.graphs as graph_building
 
     config = pytensor.config
     parts = [

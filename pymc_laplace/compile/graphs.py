@@ -32,9 +32,9 @@ from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
-from pymc_laplace import function_cache
+from pymc_laplace.compile import function_cache
 from pymc_laplace.errors import ModelSpecificationError, StartPointError
-from pymc_laplace.ops import with_fast_kernels
+from pymc_laplace.compile.ops import with_fast_kernels
 
 
 @dataclass(frozen=True)
@@ -699,7 +699,7 @@ COMPRESSED_HESSIAN_MIN_SIZE = 64
 class _HessianCompression:
     """The dense Hessian of ``logp`` in ``x`` from compressed products, by the graph's structural pattern.
 
-    The pattern is read once from the graph (:func:`~pymc_laplace.structure.walk_hessian_pattern`) with the current
+    The pattern is read once from the graph (:func:`~pymc_laplace.compile.structure.walk_hessian_pattern`) with the current
     values of the data containers it depends on, and read again whenever those values change (``pm.set_data``): a
     pattern that is too small would silently drop entries. Compression is used only when it saves at least half of
     the products.
@@ -714,7 +714,7 @@ class _HessianCompression:
 
     def worthwhile(self) -> bool:
         if not self._current():
-            from pymc_laplace.structure import hessian_coloring, recovery_slots, walk_hessian_pattern
+            from pymc_laplace.compile.structure import hessian_coloring, recovery_slots, walk_hessian_pattern
 
             walked = walk_hessian_pattern(self._logp, self._x, {self._x: self._start}, warn=False)
             self._seen = [(var, var.get_value(borrow=True)) for var in walked.data_inputs]
@@ -842,7 +842,7 @@ def compile_split(
     of their transforms: the integral is over their unconstrained values) and of the potentials; the prior of
     ``theta`` is compiled separately.
     """
-    from pymc_laplace.structure import hessian_coloring, walk_hessian_pattern
+    from pymc_laplace.compile.structure import hessian_coloring, walk_hessian_pattern
 
     if isinstance(random, str):
         random = [random]
@@ -1130,7 +1130,7 @@ class _LazyFunction:
     """A pytensor function compiled on first call (the third-derivative graphs are costly; a value-only use never
     needs them). ``inputs`` and ``outputs`` may be callables that build the graphs then.
 
-    ``digest``: a digest of the graphs these are derived from (see :mod:`pymc_laplace.function_cache`); the compiled
+    ``digest``: a digest of the graphs these are derived from (see :mod:`pymc_laplace.compile.function_cache`); the compiled
     function is then loaded from disk when a previous process stored it, without building the graphs at all.
     """
 
