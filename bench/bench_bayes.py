@@ -95,7 +95,7 @@ def aghq_ours() -> dict:
     import numpy as np
 
     from pymc_laplace import marginal
-    from pymc_laplace.quadrature import block_quadrature
+    from pymc_laplace.inner.quadrature import block_quadrature
 
     model, random = mixed_models.cbpp()
     start = time.perf_counter()

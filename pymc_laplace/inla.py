@@ -288,7 +288,7 @@ def fit_by_design(
     from pymc_laplace.errors import ApproximationWarning
     from pymc_laplace.integrated import OuterOptimizer, random_attrs
     from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
-    from pymc_laplace.marginal import InnerSolveError
+    from pymc_laplace.inner.marginal import InnerSolveError
     from pymc_laplace.sampling import LaplaceMarginalOp, conditional_random_effects
 
     compiled = laplace.compiled

@@ -14,7 +14,7 @@ import scipy.linalg
 import scipy.optimize
 
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.blocks import BlockStructure
+from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.compile.graphs import compile_seconds, compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
 from pymc_laplace.diagnostics import check_approximation
@@ -29,8 +29,8 @@ from pymc_laplace.formulas import bambi_pymc_model, is_bambi_model
 from pymc_laplace.gaussian import FLAT_DIRECTION_RTOL, LOG_2PI, describe_direction, gaussian_from_precision
 from pymc_laplace.inla import DesignSettings, fit_by_design
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
-from pymc_laplace.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
-from pymc_laplace.quadrature import LAPLACE_ERROR_WARNING, check_quadrature, default_check, quadrature_value_and_grad
+from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
+from pymc_laplace.inner.quadrature import LAPLACE_ERROR_WARNING, check_quadrature, default_check, quadrature_value_and_grad
 
 _NO_RANDOM = "Name the random effects to integrate out; fit_laplace fits a model with nothing integrated out."
 
@@ -475,7 +475,7 @@ def fit_integrated_laplace(
         Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
         (lme4's ``nAGQ``, here for blocks of any size: ``n_agq^d`` nodes per block of ``d``). 1 is Laplace; more
         nodes maximise the quadrature marginal likelihood with its exact gradient
-        (:func:`pymc_laplace.quadrature.quadrature_value_and_grad`). Needs a block-diagonal ``Q``.
+        (:func:`pymc_laplace.inner.quadrature.quadrature_value_and_grad`). Needs a block-diagonal ``Q``.
     non_positive_definite : {"raise", "warn"}
         What to do when the negative Hessian of the marginal is not positive definite at the estimate (glmmTMB's
         ``pdHess = FALSE``): raise :class:`HessianNotPositiveDefiniteError` (default), or return the estimates with a

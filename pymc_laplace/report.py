@@ -20,7 +20,7 @@ import scipy.stats
 from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
 from pymc_laplace.errors import ModelSpecificationError
-from pymc_laplace.marginal import InnerSolveError
+from pymc_laplace.inner.marginal import InnerSolveError
 
 PROFILE_MAX_DOUBLINGS = 8
 PROFILE_XTOL = 1e-7

@@ -9,7 +9,7 @@ import pytest
 import pymc_laplace.integrated
 from pymc_laplace import fit_integrated_laplace
 from pymc_laplace._compat import get_group
-from pymc_laplace.marginal import InnerSolveError
+from pymc_laplace.inner.marginal import InnerSolveError
 
 
 @pytest.mark.parametrize("name", ["cbpp", "grouseticks"])

@@ -338,7 +338,7 @@ def test_mode_jacobian_matches_central_differences_of_the_mode(mixed_marginal, m
     """d b^/d theta by both of its routes against central differences of the inner mode itself."""
     import sys
 
-    marginal_module = sys.modules["pymc_laplace.marginal"]  # the package exports a function of the same name
+    marginal_module = sys.modules["pymc_laplace.inner.marginal"]  # the package exports a function of the same name
 
     monkeypatch.setattr(marginal_module, "MIXED_PRODUCT_COLUMNS", columns_limit)
     _, _, laplace = mixed_marginal("cbpp")

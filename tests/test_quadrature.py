@@ -13,7 +13,7 @@ from random_effects import SEED_000_BETA, two_site_data, two_site_model, urchin_
 from scipy import integrate
 
 from pymc_laplace import InnerNewton, ModelSpecificationError, marginal
-from pymc_laplace.quadrature import block_quadrature, gauss_hermite_product
+from pymc_laplace.inner.quadrature import block_quadrature, gauss_hermite_product
 
 # glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial, nAGQ = q): fixed effects and SD
 CBPP_GLMER = {
@@ -196,7 +196,7 @@ def finite_difference(laplace, theta, n_nodes, h=1e-5):
 def test_quadrature_gradient_is_exact(cbpp_marginal):
     import pymc as pm
 
-    from pymc_laplace.quadrature import quadrature_value_and_grad
+    from pymc_laplace.inner.quadrature import quadrature_value_and_grad
 
     theta = np.array([*CBPP_GLMER[25][0], np.log(CBPP_GLMER[25][1])])
     for n_nodes in (5, 25):
@@ -257,7 +257,7 @@ def test_n_agq_is_checked(mixed_marginal):
 
 
 def test_importance_sampling_against_the_exact_likelihood(cbpp_marginal):
-    from pymc_laplace.quadrature import importance_log_marginal
+    from pymc_laplace.inner.quadrature import importance_log_marginal
 
     beta, sd, exact = CBPP_GLMER[25]
     estimate = importance_log_marginal(cbpp_marginal, np.array([*beta, np.log(sd)]), n_draws=20000, random_seed=1)
@@ -268,7 +268,7 @@ def test_importance_sampling_against_the_exact_likelihood(cbpp_marginal):
 
 def test_importance_sampling_is_exact_where_laplace_is_and_checks_crossed_fits(mixed_marginal):
     from pymc_laplace import check_laplace, fit_integrated_laplace
-    from pymc_laplace.quadrature import importance_log_marginal
+    from pymc_laplace.inner.quadrature import importance_log_marginal
 
     model, random, crossed = mixed_marginal("penicillin")  # Gaussian: the ratios p/q are constant
     theta = crossed.compiled.theta_start + 0.1
@@ -287,7 +287,7 @@ def test_more_misuse_of_the_checks_is_refused(mixed_marginal, cbpp_marginal):
     import pymc as pm
 
     from pymc_laplace import check_laplace, fit_integrated_laplace, fit_laplace
-    from pymc_laplace.quadrature import importance_log_marginal
+    from pymc_laplace.inner.quadrature import importance_log_marginal
 
     model, random, _ = mixed_marginal("cbpp")
     with pytest.raises(ModelSpecificationError, match="`conditional` must be 'exact' or 'linear'"):

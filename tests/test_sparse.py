@@ -17,9 +17,9 @@ from scipy import optimize, stats
 
 from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, marginal
 from pymc_laplace._compat import get_group
-from pymc_laplace.blocks import MAX_DENSE_BLOCK, block_structure
-from pymc_laplace.marginal import InnerNewton
-from pymc_laplace.sparse import (
+from pymc_laplace.inner.blocks import MAX_DENSE_BLOCK, block_structure
+from pymc_laplace.inner.marginal import InnerNewton
+from pymc_laplace.inner.sparse import (
     NotPositiveDefinite,
     SparsePattern,
     cholmod_available,
@@ -123,10 +123,10 @@ def test_takahashi_needs_a_closed_pattern_with_the_diagonal():
 def test_takahashi_on_a_banded_factor_equals_the_dense_inverse(monkeypatch, keep_plan):
     """A banded factor (closed pattern with zeros outside the band), factored twice with other values: the plan of
     positions worked out for the first pattern serves the second, and the column-by-column path gives the same."""
-    import pymc_laplace.sparse
+    import pymc_laplace.inner.sparse
 
     if not keep_plan:
-        monkeypatch.setattr(pymc_laplace.sparse, "MAX_PLAN_ENTRIES", 0)
+        monkeypatch.setattr(pymc_laplace.inner.sparse, "MAX_PLAN_ENTRIES", 0)
     rng = np.random.default_rng(8)
     n, band = 60, 4
     for _ in range(2):
@@ -262,7 +262,7 @@ def test_factorization_choice_errors(walk, monkeypatch):
     _, model = walk
     with pytest.raises(ModelSpecificationError, match="choose one of"):
         marginal(model, random=["x"], inner=InnerNewton(factorization="dense"))
-    monkeypatch.setattr(sys.modules["pymc_laplace.marginal"], "cholmod_available", lambda: False)
+    monkeypatch.setattr(sys.modules["pymc_laplace.inner.marginal"], "cholmod_available", lambda: False)
     with pytest.raises(ModelSpecificationError, match=r"pymc_laplace\[sparse\]"):
         marginal(model, random=["x"], inner=InnerNewton(factorization="cholmod"))
     assert isinstance(marginal(model, random=["x"]).structure, SparsePattern)  # auto falls back to SuperLU

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from scipy.special import logsumexp
 
-from pymc_laplace.blocks import BlockStructure
+from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.errors import ModelSpecificationError
-from pymc_laplace.marginal import LOG_2PI, LaplaceMarginal
+from pymc_laplace.inner.marginal import LOG_2PI, LaplaceMarginal
 
 # product rules with more nodes than this per block are refused (k^d grows fast with the block size d)
 MAX_NODES_PER_BLOCK = 100_000

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from pymc_laplace.blocks import (
+from pymc_laplace.inner.blocks import (
     BatchedBlockFactor,
     BlockFactor,
     BlockStructure,
@@ -32,7 +32,7 @@ from pymc_laplace.blocks import (
 )
 from pymc_laplace.compile.graphs import CompiledSplit
 from pymc_laplace.errors import LaplaceError, ModelSpecificationError
-from pymc_laplace.sparse import SparseFactor, SparsePattern, cholmod_available, sparse_pattern
+from pymc_laplace.inner.sparse import SparseFactor, SparsePattern, cholmod_available, sparse_pattern
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 

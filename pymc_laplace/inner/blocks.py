@@ -4,7 +4,7 @@ The matrix ``Q`` (the negative Hessian of the joint log density in the random ef
 found from the model graph and a column colouring; ``K`` products ``H @ d_c`` give all its entries. When the
 pattern splits into small independent blocks (one per group), everything is done block by block with batched
 dense factorisations: cost and memory linear in the number of groups. A pattern with a large connected block goes to
-``pymc_laplace.sparse`` instead.
+``pymc_laplace.inner.sparse`` instead.
 """
 
 from __future__ import annotations
