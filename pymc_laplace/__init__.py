@@ -17,11 +17,11 @@ from pymc_laplace.errors import (
 from pymc_laplace.integrated import OuterOptimizer, fit_integrated_laplace, marginal
 from pymc_laplace.laplace import fit_laplace
 from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
-from pymc_laplace.optimize import NewtonOptimizer
+from pymc_laplace.outer.optimize import NewtonOptimizer
 from pymc_laplace.predict import predict
 from pymc_laplace.inner.quadrature import check_laplace
 from pymc_laplace.report import confint, fit_statistics, random_effects, summary
-from pymc_laplace.sampling import sample_integrated
+from pymc_laplace.outer.sampling import sample_integrated
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ from pymc_laplace.errors import (
 )
 from pymc_laplace.formulas import bambi_pymc_model, is_bambi_model
 from pymc_laplace.gaussian import FLAT_DIRECTION_RTOL, LOG_2PI, describe_direction, gaussian_from_precision
-from pymc_laplace.inla import DesignSettings, fit_by_design
+from pymc_laplace.outer.inla import DesignSettings, fit_by_design
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.inner.quadrature import LAPLACE_ERROR_WARNING, check_quadrature, default_check, quadrature_value_and_grad
@@ -434,7 +434,7 @@ def fit_integrated_laplace(
     (implicit function theorem). ``method="ml"`` ignores the priors of ``theta`` (as TMB and glmmTMB);
     ``method="map"`` adds them with their Jacobians. ``method="grid"`` and ``method="ccd"`` are Bayesian over
     ``theta`` as INLA is: the Laplace marginal posterior ``p(theta) L(theta)`` is evaluated on a grid or a central
-    composite design in the standardised coordinates of its Gaussian at the mode (:mod:`pymc_laplace.inla`), and
+    composite design in the standardised coordinates of its Gaussian at the mode (:mod:`pymc_laplace.outer.inla`), and
     the draws of ``theta`` follow it rather than a Gaussian.
 
     Parameters

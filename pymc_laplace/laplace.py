@@ -20,7 +20,7 @@ from pymc_laplace.convert import build_result
 from pymc_laplace.diagnostics import check_approximation
 from pymc_laplace.errors import OptimizationError, StartPointError
 from pymc_laplace.gaussian import LOG_2PI, gaussian_from_precision
-from pymc_laplace.optimize import NewtonOptimizer, NewtonStatus, OptimizerResult
+from pymc_laplace.outer.optimize import NewtonOptimizer, NewtonStatus, OptimizerResult
 
 
 def fit_laplace(

@@ -16,7 +16,7 @@ from scipy.special import expit, logsumexp
 from test_sampling import N_GROUPS, exact_posterior_moments, gaussian_model, three_layer_log_posterior
 
 from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, get_group, marginal
-from pymc_laplace.inla import DesignSettings, _two_level_design, explore
+from pymc_laplace.outer.inla import DesignSettings, _two_level_design, explore
 
 FINE = DesignSettings(step=0.75, drop=10.0)
 

@@ -24,7 +24,7 @@ from pymc_laplace import (
     fit_laplace,
     marginal,
 )
-from pymc_laplace.optimize import NewtonStatus
+from pymc_laplace.outer.optimize import NewtonStatus
 
 QUICK = {"draws": 10, "chains": 1, "progressbar": False}
 

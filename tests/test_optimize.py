@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pymc_laplace import optimize
-from pymc_laplace.optimize import NewtonOptimizer, NewtonStatus
+from pymc_laplace.outer import optimize
+from pymc_laplace.outer.optimize import NewtonOptimizer, NewtonStatus
 
 
 def rosenbrock(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

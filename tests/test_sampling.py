@@ -17,7 +17,7 @@ import pytest
 from scipy import stats
 
 from pymc_laplace import InnerNewton, InnerSolveError, ModelSpecificationError, get_group, marginal, sample_integrated
-from pymc_laplace.sampling import LaplaceMarginalOp
+from pymc_laplace.outer.sampling import LaplaceMarginalOp
 
 N_GROUPS, PER_GROUP = 8, 5
 RNG = np.random.default_rng(20261124)

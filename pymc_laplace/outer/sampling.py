@@ -56,7 +56,7 @@ class LaplaceMarginalOp(Op):
     --------
     >>> import numpy as np, pymc as pm, pytensor.tensor as pt
     >>> from pymc_laplace import marginal
-    >>> from pymc_laplace.sampling import LaplaceMarginalOp
+    >>> from pymc_laplace.outer.sampling import LaplaceMarginalOp
     >>> with pm.Model() as model:
     ...     sigma = pm.HalfNormal("sigma", 1.0)
     ...     u = pm.Normal("u", 0.0, sigma, shape=3)

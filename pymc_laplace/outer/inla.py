@@ -289,7 +289,7 @@ def fit_by_design(
     from pymc_laplace.integrated import OuterOptimizer, random_attrs
     from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
     from pymc_laplace.inner.marginal import InnerSolveError
-    from pymc_laplace.sampling import LaplaceMarginalOp, conditional_random_effects
+    from pymc_laplace.outer.sampling import LaplaceMarginalOp, conditional_random_effects
 
     compiled = laplace.compiled
     op = LaplaceMarginalOp(laplace, prior=True)  # log p(theta) + L(theta) and its gradient; -inf where it fails
