@@ -2,8 +2,8 @@
 
 from pymc_laplace._compat import get_group
 from pymc_laplace.compile.graphs import clear_compile_cache
-from pymc_laplace.consistency import check_consistency
-from pymc_laplace.diagnostics import importance_resample, pareto_smooth
+from pymc_laplace.report.consistency import check_consistency
+from pymc_laplace.report.diagnostics import importance_resample, pareto_smooth
 from pymc_laplace.errors import (
     ApproximationWarning,
     BoundaryFitWarning,
@@ -20,7 +20,7 @@ from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMar
 from pymc_laplace.outer.optimize import NewtonOptimizer
 from pymc_laplace.predict import predict
 from pymc_laplace.inner.quadrature import check_laplace
-from pymc_laplace.report import confint, fit_statistics, random_effects, summary
+from pymc_laplace.report.tables import confint, fit_statistics, random_effects, summary
 from pymc_laplace.outer.sampling import sample_integrated
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from pymc_laplace._progress import progress_bar
 from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.compile.graphs import compile_seconds, compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
-from pymc_laplace.diagnostics import check_approximation
+from pymc_laplace.report.diagnostics import check_approximation
 from pymc_laplace.errors import (
     ApproximationWarning,
     BoundaryFitWarning,

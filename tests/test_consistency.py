@@ -15,7 +15,7 @@ from test_sampling import gaussian_model
 
 from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, fit_laplace
 from pymc_laplace.compile.graphs import observed_as_data
-from pymc_laplace.consistency import check_consistency
+from pymc_laplace.report.consistency import check_consistency
 
 SIGNIFICANCE_FOR_TEST = 0.01
 

@@ -13,7 +13,7 @@ import scipy.stats
 
 from pymc_laplace import ApproximationWarning, fit_integrated_laplace, fit_laplace
 from pymc_laplace._compat import get_group, group_names
-from pymc_laplace.diagnostics import check_approximation
+from pymc_laplace.report.diagnostics import check_approximation
 
 Y = np.array([0.3, -0.1, 0.5, 1.2, 0.8])
 Z = np.random.default_rng(0).normal(0.0, 2.0, 400)

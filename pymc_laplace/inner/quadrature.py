@@ -449,7 +449,7 @@ def importance_log_marginal(
     factor); the ratios ``p(y, b | theta) / q(b)`` are constant where Laplace is exact (then the estimate equals
     it to rounding), and their Pareto k-hat says whether the estimate can be trusted.
     """
-    from pymc_laplace.diagnostics import pareto_smooth
+    from pymc_laplace.report.diagnostics import pareto_smooth
 
     if not (isinstance(n_draws, (int, np.integer)) and n_draws >= 25):
         raise ModelSpecificationError(f"`n_draws` must be an integer of at least 25, not {n_draws!r}.")

@@ -284,7 +284,7 @@ def fit_by_design(
     from pymc_laplace._progress import progress_bar
     from pymc_laplace.compile.graphs import compile_seconds
     from pymc_laplace.convert import build_result
-    from pymc_laplace.diagnostics import KHAT_THRESHOLD, pareto_smooth
+    from pymc_laplace.report.diagnostics import KHAT_THRESHOLD, pareto_smooth
     from pymc_laplace.errors import ApproximationWarning
     from pymc_laplace.integrated import OuterOptimizer, random_attrs
     from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
