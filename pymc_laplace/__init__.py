@@ -1,4 +1,11 @@
-"""Laplace and integrated-Laplace fits of PyMC models, returned as the object ``pm.sample`` returns."""
+"""Laplace and integrated-Laplace fits of PyMC models, returned as the object ``pm.sample`` returns.
+
+A fit goes model -> compile -> inner solve -> marginal -> outer -> draws -> convert -> report, and the package is
+laid out that way: :mod:`~pymc_laplace.compile` (the only code that reads a ``pm.Model``), :mod:`~pymc_laplace.inner`
+(the random effects integrated out: inner Newton, Laplace marginal, quadrature), :mod:`~pymc_laplace.outer`
+(optimised, integrated on a design, or sampled by NUTS), ``gaussian`` (draws), ``convert`` (xarray) and
+:mod:`~pymc_laplace.report` (tables and checks). The entry functions below are the public API.
+"""
 
 from pymc_laplace._compat import get_group
 from pymc_laplace.compile.graphs import clear_compile_cache
