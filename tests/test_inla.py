@@ -15,7 +15,7 @@ from scipy import stats
 from scipy.special import expit, logsumexp
 from test_sampling import N_GROUPS, exact_posterior_moments, gaussian_model, three_layer_log_posterior
 
-from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, get_group, marginal
+from pymc_laplace import ApproximationWarning, ModelSpecificationError, fit_integrated_laplace, get_group, marginal
 from pymc_laplace.outer.inla import DesignSettings, _two_level_design, explore
 
 FINE = DesignSettings(step=0.75, drop=10.0)
@@ -81,11 +81,30 @@ def test_ccd_on_the_three_layer_normal_model(three_layer):
     )
     fit, post = get_group(result, "fit"), get_group(result, "posterior")
     assert post.attrs["design_points"] == 1 + 2 * 3 + 4
+    assert post.attrs["pareto_k"] < 0.7  # a good proposal here, so no warning
     # the CCD is a coarse rule (11 points): the evidence within 0.1, the moments within a fifth of an SD
     assert float(fit["log_evidence"]) == pytest.approx(three_layer_exact_evidence(), abs=0.1)
     for name, (mean, sd) in exact_posterior_moments().items():
         assert abs(post[name].values.mean() - mean) < 0.2 * sd, name
         assert post[name].values.std() == pytest.approx(sd, rel=0.2), name
+
+
+
+def test_ccd_warns_when_its_gaussian_misses_heavy_tails():
+    """A Cauchy prior on the mean and data that say almost nothing: the posterior of mu is about Cauchy(0, 1), whose
+    tails no skewed Gaussian reaches. The CCD's draws are then too narrow, and its importance ratios say so."""
+    with pm.Model() as model:
+        mu = pm.StudentT("mu", nu=1.0, mu=0.0, sigma=1.0)
+        b = pm.Normal("b", mu, 1.0, shape=2)
+        pm.Normal("y", b, 100.0, observed=np.zeros(2))
+    with pytest.warns(ApproximationWarning, match="poor proposal"):
+        result = fit_integrated_laplace(
+            model, random=["b"], method="ccd", draws=1000, chains=2, progressbar=False, random_seed=0
+        )
+    post = get_group(result, "posterior")
+    assert post.attrs["pareto_k"] > 0.7
+    # why it warned: the 90% quantile of Cauchy(0, 1) is tan(0.4 pi) = 3.08; the resampled CCD draws fall short
+    assert np.quantile(post["mu"].values, 0.9) < 0.8 * stats.cauchy.ppf(0.9)
 
 
 # ------------------------------------------------------------------------------------------------ AR(1)
