@@ -9,8 +9,6 @@ laid out that way: :mod:`~pymc_laplace.compile` (the only code that reads a ``pm
 
 from pymc_laplace._compat import get_group
 from pymc_laplace.compile.graphs import clear_compile_cache
-from pymc_laplace.report.consistency import check_consistency
-from pymc_laplace.report.diagnostics import importance_resample, pareto_smooth
 from pymc_laplace.errors import (
     ApproximationWarning,
     BoundaryFitWarning,
@@ -21,14 +19,16 @@ from pymc_laplace.errors import (
     OptimizationError,
     StartPointError,
 )
+from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
+from pymc_laplace.inner.quadrature import check_laplace
 from pymc_laplace.integrated import OuterOptimizer, fit_integrated_laplace, marginal
 from pymc_laplace.laplace import fit_laplace
-from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.outer.optimize import NewtonOptimizer
-from pymc_laplace.predict import predict
-from pymc_laplace.inner.quadrature import check_laplace
-from pymc_laplace.report.tables import confint, fit_statistics, random_effects, summary
 from pymc_laplace.outer.sampling import sample_integrated
+from pymc_laplace.predict import predict
+from pymc_laplace.report.consistency import check_consistency
+from pymc_laplace.report.diagnostics import importance_resample, pareto_smooth
+from pymc_laplace.report.tables import confint, fit_statistics, random_effects, summary
 
 __version__ = "0.1.0"
 

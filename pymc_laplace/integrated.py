@@ -14,10 +14,8 @@ import scipy.linalg
 import scipy.optimize
 
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.compile.graphs import compile_seconds, compile_split, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
-from pymc_laplace.report.diagnostics import check_approximation
 from pymc_laplace.errors import (
     ApproximationWarning,
     BoundaryFitWarning,
@@ -27,10 +25,17 @@ from pymc_laplace.errors import (
 )
 from pymc_laplace.formulas import bambi_pymc_model, is_bambi_model
 from pymc_laplace.gaussian import FLAT_DIRECTION_RTOL, LOG_2PI, describe_direction, gaussian_from_precision
-from pymc_laplace.outer.inla import DesignSettings, fit_by_design
-from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
+from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
-from pymc_laplace.inner.quadrature import LAPLACE_ERROR_WARNING, check_quadrature, default_check, quadrature_value_and_grad
+from pymc_laplace.inner.quadrature import (
+    LAPLACE_ERROR_WARNING,
+    check_quadrature,
+    default_check,
+    quadrature_value_and_grad,
+)
+from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
+from pymc_laplace.outer.inla import DesignSettings, fit_by_design
+from pymc_laplace.report.diagnostics import check_approximation
 
 _NO_RANDOM = "Name the random effects to integrate out; fit_laplace fits a model with nothing integrated out."
 

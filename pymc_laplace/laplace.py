@@ -17,10 +17,10 @@ from pymc_laplace.compile.graphs import (
     validate_arguments,
 )
 from pymc_laplace.convert import build_result
-from pymc_laplace.report.diagnostics import check_approximation
 from pymc_laplace.errors import OptimizationError, StartPointError
 from pymc_laplace.gaussian import LOG_2PI, gaussian_from_precision
 from pymc_laplace.outer.optimize import NewtonOptimizer, NewtonStatus, OptimizerResult
+from pymc_laplace.report.diagnostics import check_approximation
 
 
 def fit_laplace(

@@ -89,7 +89,6 @@ def test_ccd_on_the_three_layer_normal_model(three_layer):
         assert post[name].values.std() == pytest.approx(sd, rel=0.2), name
 
 
-
 def test_ccd_warns_when_its_gaussian_misses_heavy_tails():
     """A Cauchy prior on the mean and data that say almost nothing: the posterior of mu is about Cauchy(0, 1), whose
     tails no skewed Gaussian reaches. The CCD's draws are then too narrow, and its importance ratios say so."""

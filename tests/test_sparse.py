@@ -17,6 +17,7 @@ from scipy import optimize, stats
 
 from pymc_laplace import ModelSpecificationError, fit_integrated_laplace, marginal
 from pymc_laplace._compat import get_group
+from pymc_laplace.compile.structure import color_columns
 from pymc_laplace.inner.blocks import MAX_DENSE_BLOCK, block_structure
 from pymc_laplace.inner.marginal import InnerNewton
 from pymc_laplace.inner.sparse import (
@@ -27,7 +28,6 @@ from pymc_laplace.inner.sparse import (
     sparse_pattern,
     takahashi_inverse,
 )
-from pymc_laplace.compile.structure import color_columns
 
 BACKENDS = [
     "superlu",

@@ -33,8 +33,8 @@ from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
 from pymc_laplace.compile import function_cache
-from pymc_laplace.errors import ModelSpecificationError, StartPointError
 from pymc_laplace.compile.ops import with_fast_kernels
+from pymc_laplace.errors import ModelSpecificationError, StartPointError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from pymc_laplace.errors import ModelSpecificationError
 from pymc_laplace.compile.structure import recovery_slots, symmetric_pattern
+from pymc_laplace.errors import ModelSpecificationError
 
 # Above this many random effects in one connected block, dense algebra is refused (it would be quadratic).
 MAX_DENSE_BLOCK = 3000

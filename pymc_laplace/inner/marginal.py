@@ -23,6 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from pymc_laplace.compile.graphs import CompiledSplit
+from pymc_laplace.errors import LaplaceError, ModelSpecificationError
 from pymc_laplace.inner.blocks import (
     BatchedBlockFactor,
     BlockFactor,
@@ -30,8 +32,6 @@ from pymc_laplace.inner.blocks import (
     block_structure,
     factor_blocks_batched,
 )
-from pymc_laplace.compile.graphs import CompiledSplit
-from pymc_laplace.errors import LaplaceError, ModelSpecificationError
 from pymc_laplace.inner.sparse import SparseFactor, SparsePattern, cholmod_available, sparse_pattern
 
 LOG_2PI = float(np.log(2.0 * np.pi))

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from scipy.special import logsumexp
 
-from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.errors import ModelSpecificationError
+from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.inner.marginal import LOG_2PI, LaplaceMarginal
 
 # product rules with more nodes than this per block are refused (k^d grows fast with the block size d)

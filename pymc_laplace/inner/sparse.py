@@ -25,8 +25,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
-from pymc_laplace.errors import ModelSpecificationError
 from pymc_laplace.compile.structure import recovery_slots
+from pymc_laplace.errors import ModelSpecificationError
 
 SparseBackend = Literal["cholmod", "superlu"]
 

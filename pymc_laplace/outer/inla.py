@@ -284,12 +284,12 @@ def fit_by_design(
     from pymc_laplace._progress import progress_bar
     from pymc_laplace.compile.graphs import compile_seconds
     from pymc_laplace.convert import build_result
-    from pymc_laplace.report.diagnostics import KHAT_THRESHOLD, pareto_smooth
     from pymc_laplace.errors import ApproximationWarning
+    from pymc_laplace.inner.marginal import InnerSolveError
     from pymc_laplace.integrated import OuterOptimizer, random_attrs
     from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
-    from pymc_laplace.inner.marginal import InnerSolveError
     from pymc_laplace.outer.sampling import LaplaceMarginalOp, conditional_random_effects
+    from pymc_laplace.report.diagnostics import KHAT_THRESHOLD, pareto_smooth
 
     compiled = laplace.compiled
     op = LaplaceMarginalOp(laplace, prior=True)  # log p(theta) + L(theta) and its gradient; -inf where it fails

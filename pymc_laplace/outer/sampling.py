@@ -24,14 +24,14 @@ from pytensor.graph.op import Op
 
 from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.compile.graphs import compile_seconds, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
 from pymc_laplace.errors import ModelSpecificationError
 from pymc_laplace.gaussian import LOG_2PI
+from pymc_laplace.inner.blocks import BlockStructure
+from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 from pymc_laplace.integrated import OuterOptimizer, marginal_for, random_attrs
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
-from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
 
 THETA_NAME = "theta_unconstrained"
 # random-effect draws solved in one batched call when the structure allows it

@@ -107,8 +107,8 @@ def check_consistency(
     from pymc_laplace._compat import get_group
     from pymc_laplace._progress import progress_bar
     from pymc_laplace.compile.graphs import observed_as_data, outer_values, simulate_observed
-    from pymc_laplace.integrated import marginal
     from pymc_laplace.inner.marginal import InnerSolveError
+    from pymc_laplace.integrated import marginal
 
     attrs = dict(get_group(result, "posterior").attrs)
     method = str(attrs.get("method", ""))
