@@ -699,10 +699,10 @@ COMPRESSED_HESSIAN_MIN_SIZE = 64
 class _HessianCompression:
     """The dense Hessian of ``logp`` in ``x`` from compressed products, by the graph's structural pattern.
 
-    The pattern is read once from the graph (:func:`~pymc_laplace.compile.structure.walk_hessian_pattern`) with the current
-    values of the data containers it depends on, and read again whenever those values change (``pm.set_data``): a
-    pattern that is too small would silently drop entries. Compression is used only when it saves at least half of
-    the products.
+    The pattern is read once from the graph (:func:`~pymc_laplace.compile.structure.walk_hessian_pattern`) with the
+    current values of the data containers it depends on, and read again whenever those values change
+    (``pm.set_data``): a pattern that is too small would silently drop entries. Compression is used only when it
+    saves at least half of the products.
     """
 
     def __init__(self, logp: Variable, x: Variable, start: np.ndarray) -> None:
@@ -1130,8 +1130,8 @@ class _LazyFunction:
     """A pytensor function compiled on first call (the third-derivative graphs are costly; a value-only use never
     needs them). ``inputs`` and ``outputs`` may be callables that build the graphs then.
 
-    ``digest``: a digest of the graphs these are derived from (see :mod:`pymc_laplace.compile.function_cache`); the compiled
-    function is then loaded from disk when a previous process stored it, without building the graphs at all.
+    ``digest``: a digest of the graphs these are derived from (see :mod:`pymc_laplace.compile.function_cache`); the
+    compiled function is then loaded from disk when a previous process stored it, without building the graphs at all.
     """
 
     def __init__(self, inputs: Any, outputs: Any, options: dict[str, Any], digest: str | None = None) -> None:
