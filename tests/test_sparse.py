@@ -141,6 +141,67 @@ def test_takahashi_on_a_banded_factor_equals_the_dense_inverse(monkeypatch, keep
         np.testing.assert_allclose(inverse[inside], expected[inside], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("keep_plan", [True, False])
+def test_takahashi_on_an_arrow_factor_equals_the_dense_inverse(monkeypatch, keep_plan):
+    """Dense blocks of 5 (a group's correlated effects) all coupled to 3 shared rows last (the fixed effects): each
+    block is a run of 5 columns with the same 3 rows below, taken together (a supernode with rows below it)."""
+    import pymc_laplace.inner.sparse
+
+    if not keep_plan:
+        monkeypatch.setattr(pymc_laplace.inner.sparse, "MAX_PLAN_ENTRIES", 0)
+    rng = np.random.default_rng(13)
+    n_blocks, size, shared = 12, 5, 3
+    n = n_blocks * size + shared
+    block_of = np.append(np.repeat(np.arange(n_blocks), size), np.full(shared, n_blocks))
+    inside = (
+        (block_of[:, None] == block_of[None, :]) | (block_of[:, None] == n_blocks) | (block_of[None, :] == n_blocks)
+    )
+    a = rng.normal(size=(n, n)) * inside
+    q = a @ a.T * inside + n * np.eye(n)  # the arrow pattern; eliminating the blocks first fills nothing outside it
+    lower = np.linalg.cholesky(q)
+    rows, cols = np.nonzero(np.tril(inside))
+    factor = sp.csc_matrix((lower[rows, cols], (rows, cols)), shape=(n, n))
+    widths = np.diff(pymc_laplace.inner.sparse._supernodes(factor.indptr, factor.indices))
+    # the last block runs on into the shared rows below it: one run of 8 columns with nothing below
+    np.testing.assert_array_equal(widths, [size] * (n_blocks - 1) + [size + shared])
+    inverse = takahashi_inverse(factor).toarray()
+    np.testing.assert_allclose(inverse[rows, cols], np.linalg.inv(q)[rows, cols], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep_plan", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selected_inverse_of_crossed_effects_equals_the_dense_inverse(monkeypatch, backend, keep_plan):
+    """Two crossed grouping factors (as InstEval's students and lecturers): elimination fills the factor into dense
+    trailing blocks, whose runs of columns with one pattern are taken together (supernodes), with or without a
+    kept plan."""
+    import pymc_laplace.inner.sparse
+
+    if not keep_plan:
+        monkeypatch.setattr(pymc_laplace.inner.sparse, "MAX_PLAN_ENTRIES", 0)
+    rng = np.random.default_rng(12)
+    n_a, n_b, n_obs = 120, 40, 900
+    design = sp.hstack(
+        [
+            sp.csr_matrix((np.ones(n_obs), (np.arange(n_obs), rng.integers(0, n_a, n_obs))), shape=(n_obs, n_a)),
+            sp.csr_matrix((np.ones(n_obs), (np.arange(n_obs), rng.integers(0, n_b, n_obs))), shape=(n_obs, n_b)),
+        ]
+    ).tocsr()
+    weights = sp.diags(rng.uniform(0.5, 2.0, n_obs))
+    q = sp.csc_matrix(design.T @ weights @ design + sp.diags(rng.uniform(0.5, 1.5, n_a + n_b)))
+    pattern, colors, products = compressed(q)
+    factor, bad = factor_sparse(sparse_pattern(pattern, colors, backend), products)
+    assert bad.size == 0
+    lower = sp.csc_matrix(factor.lower)
+    widths = np.diff(pymc_laplace.inner.sparse._supernodes(lower.indptr, lower.indices))
+    assert widths.max() > 10  # the dense trailing block is one wide supernode
+    inverse = np.linalg.inv(q.toarray())
+    rows, cols = pattern.nonzero()
+    expected = np.zeros_like(products)
+    expected[colors[cols], rows] = inverse[rows, cols]
+    np.testing.assert_allclose(factor.compressed_inverse(), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(factor.diagonal_of_inverse(), np.diag(inverse), rtol=1e-10)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_damped_factor_shifts_by_the_first_power_of_ten_that_is_positive_definite(backend):
     """The Newton fallback on an indefinite Q: the shift is checked against the exact smallest eigenvalue."""

@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import solve_triangular
 from scipy.sparse.linalg import splu
 
 from pymc_laplace.compile.structure import recovery_slots
@@ -209,11 +210,13 @@ class SparseFactor:
 def takahashi_inverse(lower: sp.csc_matrix) -> sp.csc_matrix:
     """Takahashi's recursion: ``Z = (L L^T)^-1`` on the pattern of the lower Cholesky factor ``L``.
 
-    Column ``j`` from the last to the first, with ``s`` the rows below the diagonal of column ``j``:
-    ``Z[s, j] = -Z[s, s] @ L[s, j] / L[j, j]`` and ``Z[j, j] = 1 / L[j, j]^2 - L[s, j] @ Z[s, j] / L[j, j]``.
-    ``Z[s, s]`` lies inside the pattern of ``L`` (the filled graph is chordal), so only those entries are needed.
-    Where each ``Z[s, s]`` sits in the factor's entries depends on its pattern alone: it is worked out once per
-    pattern (:func:`_takahashi_plan`) and reused by every factor of that pattern.
+    By supernodes, from the last to the first: a run of columns ``J`` whose rows below the run are one set ``S`` (the
+    columns of a dense block of the factor, as crossed effects and fill-in make them). With ``U = L[S, J] L[J, J]^-1``,
+    ``Z[S, J] = -Z[S, S] U`` and ``Z[J, J] = L[J, J]^-T L[J, J]^-1 - U^T Z[S, J]`` (one column: ``Z[s, j] =
+    -Z[s, s] L[s, j] / L[j, j]``, ``Z[j, j] = 1 / L[j, j]^2 - L[s, j] @ Z[s, j] / L[j, j]``). ``Z[S, S]`` lies inside
+    the pattern of ``L`` (the filled graph is chordal), so only those entries are needed. Where each ``Z[S, S]`` sits
+    in the factor's entries depends on its pattern alone: it is worked out once per pattern
+    (:func:`_takahashi_plan`) and reused by every factor of that pattern.
     """
     lower = sp.csc_matrix(lower)
     lower.sort_indices()
@@ -222,67 +225,130 @@ def takahashi_inverse(lower: sp.csc_matrix) -> sp.csc_matrix:
     if np.any(indices[indptr[:-1]] != np.arange(n)):
         raise ValueError("the factor must hold its diagonal as the first entry of every column")
     plan = _takahashi_plan(indptr, indices)
-    if plan is None:  # too large to keep: worked out column by column as needed
-        plan = _LazyPlan(indptr, indices)
+    if plan is None:  # too large to keep: worked out supernode by supernode as needed
+        plan = _LazyPlan(indptr, indices, _supernodes(indptr, indices))
     z = np.zeros_like(data)
-    for j in range(n - 1, -1, -1):
-        start, stop = indptr[j], indptr[j + 1]
-        l_jj = data[start]
-        if stop - start == 1:
-            z[start] = 1.0 / l_jj**2
+    for k in range(len(plan.starts) - 2, -1, -1):
+        first, last = int(plan.starts[k]), int(plan.starts[k + 1]) - 1
+        positions = plan[k]  # Z[S, S], (m, m); None when S is empty
+        if first == last:  # one column: the scalar recursion, cheapest for the many short columns of long chains
+            start, stop = indptr[first], indptr[first + 1]
+            l_jj = data[start]
+            if positions is None:
+                z[start] = 1.0 / l_jj**2
+                continue
+            l_col = data[start + 1 : stop]
+            z_col = -(z[positions] @ l_col) / l_jj
+            z[start + 1 : stop] = z_col
+            z[start] = 1.0 / l_jj**2 - float(l_col @ z_col) / l_jj
             continue
-        l_col = data[start + 1 : stop]
-        z_col = -(z[plan[j]] @ l_col) / l_jj
-        z[start + 1 : stop] = z_col
-        z[start] = 1.0 / l_jj**2 - float(l_col @ z_col) / l_jj
+        rows, cols, where = _supernode_entries(indptr, first, last)
+        width = last - first + 1
+        block = np.zeros((rows.max() + 1, width))
+        block[rows, cols] = data[where]  # [L[J, J]; L[S, J]]
+        l_jj_inverse = solve_triangular(block[:width], np.eye(width), lower=True)
+        u = block[width:] @ l_jj_inverse
+        z_sj = -(z[positions] @ u) if positions is not None else np.zeros((0, width))
+        z_jj = l_jj_inverse.T @ l_jj_inverse - u.T @ z_sj
+        z[where] = np.vstack([z_jj, z_sj])[rows, cols]
     return sp.csc_matrix((z, indices.copy(), indptr.copy()), shape=lower.shape)
 
 
+def _supernodes(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """First column of each supernode, and ``n`` last: runs of columns ``j, j + 1, ...`` where column ``j``'s rows
+    are ``j``, ``j + 1`` and exactly the rows of column ``j + 1`` below it."""
+    n = indptr.size - 1
+    counts = np.diff(indptr)
+    candidate = np.zeros(n, dtype=bool)
+    if n > 1:
+        has_second = counts[:-1] > 1
+        second = np.where(has_second, indices[np.minimum(indptr[:-2] + 1, indices.size - 1)], -1)
+        candidate[:-1] = has_second & (second == np.arange(1, n)) & (counts[:-1] == counts[1:] + 1)
+    # the rows below j + 1 must be the same in both columns, entry by entry (same count, so same positions from the end)
+    pairs = np.flatnonzero(candidate)
+    lengths = counts[pairs] - 2
+    if lengths.sum():
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        left = indices[np.repeat(indptr[pairs] + 2, lengths) + offsets]
+        right = indices[np.repeat(indptr[pairs + 1] + 1, lengths) + offsets]
+        differs = np.bincount(np.repeat(np.arange(pairs.size), lengths), weights=left != right, minlength=pairs.size)
+        candidate[pairs[differs > 0]] = False
+    return np.append(np.flatnonzero(np.concatenate([[True], ~candidate[:-1]])), n)
+
+
+def _supernode_entries(indptr: np.ndarray, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows and columns in the dense ``[J; S]`` block of the supernode ``first..last``, and the positions of those
+    entries in the factor: column ``first + c`` holds rows ``c..`` of the block, one after the other."""
+    starts = indptr[first : last + 1]
+    lengths = indptr[first + 1 : last + 2] - starts
+    cols = np.repeat(np.arange(last - first + 1), lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return cols + within, cols, np.repeat(starts, lengths) + within
+
+
+class _Plan:
+    """The supernodes of a factor pattern (``starts``) and, for each, the positions of ``Z[S, S]`` (``plan[k]``)."""
+
+    def __init__(self, starts: np.ndarray, positions: list[np.ndarray | None]) -> None:
+        self.starts, self.positions = starts, positions
+
+    def __getitem__(self, k: int) -> np.ndarray | None:
+        return self.positions[k]
+
+
 # Plans of the factor patterns met last (a fit factors matrices of one pattern many times), and the largest plan
-# kept (positions, 8 bytes each); a larger one is worked out column by column on every use.
-_PLANS: dict[tuple, list[np.ndarray | None]] = {}
+# kept (positions, 4 or 8 bytes each); a larger one is worked out supernode by supernode on every use.
+_PLANS: dict[tuple, _Plan] = {}
 MAX_PLANS = 4
-MAX_PLAN_ENTRIES = 20_000_000
+MAX_PLAN_ENTRIES = 40_000_000
 
 
-def _takahashi_plan(indptr: np.ndarray, indices: np.ndarray) -> list[np.ndarray | None] | None:
-    """For each column ``j`` of a lower factor, the positions in its entries of ``Z[s, s]`` (symmetric, (m, m)), ``s``
-    the rows below ``j``'s diagonal (None for a column with none); None when the plan is too large to keep."""
-    below = np.diff(indptr) - 1
+class _LazyPlan(_Plan):
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, starts: np.ndarray) -> None:
+        self.indptr, self.indices, self.starts = indptr, indices, starts
+        self.keys = _entry_keys(indptr, indices)
+
+    def __getitem__(self, k: int) -> np.ndarray | None:
+        return _below_positions(self.indptr, self.indices, self.keys, int(self.starts[k + 1]) - 1)
+
+
+def _takahashi_plan(indptr: np.ndarray, indices: np.ndarray) -> _Plan | None:
+    """The supernodes of a lower factor's pattern and, for each, the positions in its entries of ``Z[S, S]``
+    (symmetric, (m, m)), ``S`` the rows below the supernode; None when the plan is too large to keep."""
+    key = (indptr.size, hashlib.sha256(indptr.tobytes()).digest(), hashlib.sha256(indices.tobytes()).digest())
+    if key in _PLANS:
+        return _PLANS[key]
+    starts = _supernodes(indptr, indices)
+    below = np.diff(indptr)[starts[1:] - 1] - 1
     if int(np.sum(below.astype(np.int64) ** 2)) > MAX_PLAN_ENTRIES:
         return None
-    key = (indptr.size, hashlib.sha256(indptr.tobytes()).digest(), hashlib.sha256(indices.tobytes()).digest())
-    if key not in _PLANS:
-        _PLANS[key] = [_column_positions(indptr, indices, j) for j in range(indptr.size - 1)]
-        while len(_PLANS) > MAX_PLANS:
-            del _PLANS[next(iter(_PLANS))]
-    return _PLANS[key]
+    keys = _entry_keys(indptr, indices)
+    plan = _Plan(starts, [_below_positions(indptr, indices, keys, int(j) - 1) for j in starts[1:]])
+    _PLANS[key] = plan
+    while len(_PLANS) > MAX_PLANS:
+        del _PLANS[next(iter(_PLANS))]
+    return plan
 
 
-class _LazyPlan:
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray) -> None:
-        self.indptr, self.indices = indptr, indices
-
-    def __getitem__(self, j: int) -> np.ndarray | None:
-        return _column_positions(self.indptr, self.indices, j)
+def _entry_keys(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``column * n + row`` of every entry: increasing, as the factor's entries are sorted by column, then row."""
+    n = indptr.size - 1
+    return np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr)) * n + indices
 
 
-def _column_positions(indptr: np.ndarray, indices: np.ndarray, j: int) -> np.ndarray | None:
-    """Positions of ``Z[s, s]`` in the factor's entries for column ``j``; raises when one is missing (a pattern not
-    closed under elimination)."""
+def _below_positions(indptr: np.ndarray, indices: np.ndarray, keys: np.ndarray, j: int) -> np.ndarray | None:
+    """Positions of ``Z[s, s]`` in the factor's entries, ``s`` the rows of column ``j`` below its diagonal; raises
+    when one is missing (a pattern not closed under elimination)."""
     rows = indices[indptr[j] + 1 : indptr[j + 1]]
     if rows.size == 0:
         return None
-    where = np.empty((rows.size, rows.size), dtype=np.int64)
-    for a, c in enumerate(rows):
-        col_start, col_stop = indptr[c], indptr[c + 1]
-        col_rows = indices[col_start:col_stop]
-        pos = np.searchsorted(col_rows, rows[a:])
-        if np.any(pos >= col_rows.size) or np.any(col_rows[np.minimum(pos, col_rows.size - 1)] != rows[a:]):
-            raise ValueError("the factor's pattern is not closed under elimination (a symbolic entry is missing)")
-        where[a, a:] = col_start + pos
-        where[a:, a] = col_start + pos
-    return where
+    n = indptr.size - 1
+    low, high = np.minimum.outer(rows, rows), np.maximum.outer(rows, rows)
+    wanted = low.astype(np.int64) * n + high  # (row high, column low): the lower triangle holds both
+    where = np.minimum(np.searchsorted(keys, wanted), keys.size - 1)
+    if np.any(keys[where] != wanted):
+        raise ValueError("the factor's pattern is not closed under elimination (a symbolic entry is missing)")
+    return where.astype(np.int32) if keys.size < 2**31 else where
 
 
 def factor_sparse_matrix(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
