@@ -310,6 +310,11 @@ BATCH_ELEMENTS = 4_000_000
 # Draws that one at a time would take less than this many seconds are not batched (compiling costs more).
 CHEAP_DRAWS_SECONDS = 2.0
 
+# conditional="auto" draws from the joint Gaussian (linear) when exact draws, estimated from the first one, would
+# take more than this many times the fit and more than this many seconds
+AUTO_EXACT_FIT_RATIO = 10.0
+AUTO_EXACT_MIN_SECONDS = 10.0
+
 
 def boundary_directions(
     value: Callable[[np.ndarray], float], theta: np.ndarray, objective: float, neg_hessian: np.ndarray
@@ -430,7 +435,7 @@ def fit_integrated_laplace(
     non_positive_definite: Literal["raise", "warn"] = "raise",
     design: DesignSettings | None = None,
     n_agq: int = 1,
-    conditional: Literal["exact", "linear"] = "exact",
+    conditional: Literal["auto", "exact", "linear"] = "auto",
 ) -> Any:
     """Fit a PyMC model with ``random`` integrated out by the Laplace approximation (TMB-style).
 
@@ -470,12 +475,14 @@ def fit_integrated_laplace(
         Add the ``unconstrained_posterior`` group (the draws of each value variable), as :func:`fit_laplace`.
     design : DesignSettings, optional
         Settings of the grid or the CCD (spacing, log-density drop kept, radius factor).
-    conditional : {"exact", "linear"}
+    conditional : {"auto", "exact", "linear"}
         How the random effects of each draw of ``theta`` are drawn. ``"exact"``: from ``N(b^(theta), Q(theta)^-1)``,
         one inner solve per draw. ``"linear"``: from ``N(b^ + (d b^/d theta) (theta - theta^), Q(theta^)^-1)``, the
         joint Gaussian of TMB's ``sdreport`` (no inner solve: for many groups, where the solves cost far more than
         the fit). Either is a Gaussian proposal whose density is recorded, so k-hat and ``importance_resample``
-        judge and correct it alike.
+        judge and correct it alike. ``"auto"`` (default): exact, unless the first exact draw's time times the
+        number of draws exceeds ``AUTO_EXACT_FIT_RATIO`` times the fit's time and ``AUTO_EXACT_MIN_SECONDS``; then
+        linear. ``attrs["conditional"]`` says which was used.
     n_agq : int
         Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
         (lme4's ``nAGQ``, here for blocks of any size: ``n_agq^d`` nodes per block of ``d``). 1 is Laplace; more
@@ -529,8 +536,8 @@ def fit_integrated_laplace(
     compiled = laplace.compiled
     optimizer = optimizer or OuterOptimizer()
     rng = np.random.default_rng(random_seed)
-    if conditional not in ("exact", "linear"):
-        raise ModelSpecificationError(f"`conditional` must be 'exact' or 'linear', not {conditional!r}.")
+    if conditional not in ("auto", "exact", "linear"):
+        raise ModelSpecificationError(f"`conditional` must be 'auto', 'exact' or 'linear', not {conditional!r}.")
     if not isinstance(n_agq, (int, np.integer)) or isinstance(n_agq, bool) or n_agq < 1:
         raise ModelSpecificationError(f"`n_agq` must be a positive integer, not {n_agq!r}.")
     if n_agq > 1:
@@ -693,6 +700,18 @@ def fit_integrated_laplace(
     # random walks); independent blocks factorise for less than compiling the gradient the chord steps need
     chord = None if isinstance(laplace.structure, BlockStructure) else solution.factor
     n_draws, n_b = theta_draws.shape[0], solution.b.size
+    first_draw = 0.0
+    if conditional != "linear":
+        # the first exact draw, timed without what it compiled (the chord steps' gradient), so that the choices below,
+        # and with them the draws, are the same whether the functions were compiled or loaded
+        began, compile_began = time.perf_counter(), compile_seconds()
+        draw_one(0)
+        first_draw = (time.perf_counter() - began) - (compile_seconds() - compile_began)
+    if conditional == "auto":
+        fit_time = (fitted - started) - (compile_fitted - compile_before)
+        dear = first_draw * n_draws > max(AUTO_EXACT_FIT_RATIO * fit_time, AUTO_EXACT_MIN_SECONDS)
+        conditional = "linear" if dear else "exact"
+        failed.clear()  # a failure of the first exact draw does not concern linear draws (it redrew a valid theta)
     if conditional == "linear":
         # the joint Gaussian: the linear prediction of each mode and the estimate's precision, no inner solve
         means = solution.b + (theta_draws - outer.theta) @ jac.T
@@ -702,13 +721,8 @@ def fit_integrated_laplace(
             unconstrained[i, compiled.b_in_joint] = b_draw
     else:
         with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
-            began, compile_began = time.perf_counter(), compile_seconds()
-            draw_one(0)
             bar.update(advance=1)
-            # batched when the draws one at a time would take long enough to pay for compiling the batched graphs; the
-            # first draw's time without what it compiled (the chord steps' gradient), so that the choice, and with it
-            # the draws, are the same whether the functions were compiled or loaded
-            first_draw = (time.perf_counter() - began) - (compile_seconds() - compile_began)
+            # batched when the draws one at a time would take long enough to pay for compiling the batched graphs
             batched = first_draw * n_draws > CHEAP_DRAWS_SECONDS
             batched &= compiled.joint_newton_batched is not None and isinstance(laplace.structure, BlockStructure)
             if batched:

@@ -89,15 +89,20 @@ def test_vars_in_any_order_give_the_same_fit(bioassay_data):
     assert float(in_order["beta"].mean()) > 3.0 > float(in_order["alpha"].mean())  # beta's mode is near 8
 
 
-def test_linear_conditional_draws_are_the_joint_gaussian(mixed_marginal):
-    """conditional="linear": (theta, b) from the joint Gaussian of TMB's sdreport, with its density as log_q."""
+@pytest.mark.parametrize("requested", ["linear", "auto"])
+def test_linear_conditional_draws_are_the_joint_gaussian(mixed_marginal, monkeypatch, requested):
+    """conditional="linear": (theta, b) from the joint Gaussian of TMB's sdreport, with its density as log_q; and
+    conditional="auto" the same when exact draws are judged too dear (here: any cost at all)."""
     from scipy import stats
 
+    import pymc_laplace.integrated
     from pymc_laplace import fit_integrated_laplace, get_group
 
+    monkeypatch.setattr(pymc_laplace.integrated, "AUTO_EXACT_FIT_RATIO", 0.0)
+    monkeypatch.setattr(pymc_laplace.integrated, "AUTO_EXACT_MIN_SECONDS", 0.0)
     model, random, laplace = mixed_marginal("cbpp")
     result = fit_integrated_laplace(
-        model, random=random, compiled_marginal=laplace, conditional="linear", random_seed=5, progressbar=False
+        model, random=random, compiled_marginal=laplace, conditional=requested, random_seed=5, progressbar=False
     )
     fit, post = get_group(result, "fit"), get_group(result, "posterior")
     assert post.attrs["conditional"] == "linear"
@@ -114,3 +119,21 @@ def test_linear_conditional_draws_are_the_joint_gaussian(mixed_marginal):
     np.testing.assert_allclose(log_q, expected, atol=1e-8)
     spread = post["u"].values.reshape(4000, -1).std(axis=0)
     np.testing.assert_allclose(spread, fit["random_effects_se"].values, rtol=0.06)
+
+
+def test_auto_conditional_keeps_exact_draws_when_they_are_cheap(mixed_marginal):
+    """cbpp's exact draws take well under 10 s: the default draws them exactly, as conditional="exact" does."""
+    from pymc_laplace import fit_integrated_laplace, get_group
+
+    model, random, laplace = mixed_marginal("cbpp")
+    auto, exact = (
+        fit_integrated_laplace(
+            model, random=random, compiled_marginal=laplace, random_seed=6, progressbar=False, **conditional
+        )
+        for conditional in ({}, {"conditional": "exact"})
+    )
+    assert get_group(auto, "posterior").attrs["conditional"] == "exact"
+    # the same draws, up to where each inner solve stopped (warm-started from the previous call's solution)
+    np.testing.assert_allclose(
+        get_group(auto, "posterior")["u"].values, get_group(exact, "posterior")["u"].values, rtol=1e-8, atol=1e-10
+    )

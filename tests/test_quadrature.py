@@ -290,7 +290,7 @@ def test_more_misuse_of_the_checks_is_refused(mixed_marginal, cbpp_marginal):
     from pymc_laplace.inner.quadrature import importance_log_marginal
 
     model, random, _ = mixed_marginal("cbpp")
-    with pytest.raises(ModelSpecificationError, match="`conditional` must be 'exact' or 'linear'"):
+    with pytest.raises(ModelSpecificationError, match="`conditional` must be 'auto', 'exact' or 'linear'"):
         fit_integrated_laplace(model, random=random, compiled_marginal=cbpp_marginal, conditional="exactly")
     with pytest.raises(ModelSpecificationError, match="`n_agq` > 1 is for method='ml' or 'map'"):
         fit_integrated_laplace(model, random=random, compiled_marginal=cbpp_marginal, method="grid", n_agq=3)
