@@ -157,6 +157,13 @@ class OuterOptimizer:
         Relative step of the central differences of the exact gradient that give the Hessian (as TMB does).
     polish_steps : int
         Newton steps with that Hessian after the main method.
+    hessian_refresh : int
+        With ``"trust-newton"``, difference the Hessian afresh every this many iterations and carry it in between
+        by symmetric rank-one (SR1) updates from the gradients evaluated anyway, which keep negative curvature.
+        1 (default): every iteration. 3 saves about two thirds of the gradient evaluations where each is dear
+        (InstEval's crossed effects), but on a rough objective it may take another path than 1 does (the urchin
+        model's, whose marginal jumps where random effects cross a branch point, ends at a worse optimum). The
+        Hessian reported and the polishing steps' Hessian are always differenced afresh.
     """
 
     start: Literal["likelihood", "initial"] = "likelihood"
@@ -165,19 +172,30 @@ class OuterOptimizer:
     max_iterations: int = 500
     hessian_step: float = 1e-4
     polish_steps: int = 5
+    hessian_refresh: int = 1
 
     def maximize(
         self, value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], theta0: np.ndarray
     ) -> OuterResult:
         if self.method not in ("trust-newton", "bfgs"):
             raise ModelSpecificationError(f"OuterOptimizer(method={self.method!r}): use 'trust-newton' or 'bfgs'.")
+        if self.hessian_refresh < 1:
+            raise ModelSpecificationError(f"OuterOptimizer(hessian_refresh={self.hessian_refresh}): use 1 or more.")
         start = time.perf_counter()
         evaluations = 0
 
+        # with hessian_refresh > 1, value and gradient at the last few points: SciPy's trust-exact asks for the
+        # Hessian at a point before its value, and both are then served by one evaluation
+        recent: dict[bytes, tuple[float, np.ndarray]] = {}
         last: list[tuple[np.ndarray, np.ndarray]] = []  # the last point evaluated and its gradient
+        carried: dict[str, Any] = {}  # the Hessian of the negated objective last returned, where, and its age
 
         def negated(theta: np.ndarray) -> tuple[float, np.ndarray]:
             nonlocal evaluations
+            key = np.asarray(theta, dtype=float).tobytes()
+            if self.hessian_refresh > 1 and key in recent:
+                value, grad = recent[key]
+                return -value, -grad
             evaluations += 1
             try:
                 value, grad = value_and_grad(theta)
@@ -186,21 +204,35 @@ class OuterOptimizer:
             if not (np.isfinite(value) and np.all(np.isfinite(grad))):
                 return np.inf, np.zeros_like(theta)
             last[:] = [(np.array(theta), grad)]
+            if self.hessian_refresh > 1:
+                recent[key] = (value, grad)
+            while len(recent) > 8:
+                del recent[next(iter(recent))]
             return -value, -grad
 
         def negated_hessian(theta: np.ndarray) -> np.ndarray:
-            # while iterating, forward differences from the gradient already evaluated at theta: dim(theta)
-            # evaluations instead of twice that; the Hessian reported at the end is central
+            # forward differences from the gradient when it is known at theta (dim(theta) evaluations instead of
+            # twice that), else central; the Hessian reported at the end is always central
             nonlocal evaluations
+            if self.hessian_refresh > 1:
+                negated(theta)  # the gradient at theta, kept for the value SciPy asks for next
             known = last[0][1] if last and np.array_equal(last[0][0], theta) else None
-            evaluations += theta.size + (known is None)
+            if known is not None and carried and carried["age"] + 1 < self.hessian_refresh:
+                updated = _sr1_update(carried["hessian"], theta - carried["theta"], carried["grad"] - known)
+                carried.update(theta=np.array(theta), grad=known, hessian=updated, age=carried["age"] + 1)
+                return updated
+            evaluations += theta.size * (1 if known is not None else 2)
             try:
                 hessian = -self.hessian(value_and_grad, theta, grad=known)
             except InnerSolveError:
                 hessian = np.full((theta.size, theta.size), np.nan)
             # at the edge of what can be evaluated the step is proposed on a unit model and the trust region shrinks
             # on the objective's values alone (the Hessian reported at the end is computed afresh)
-            return hessian if np.all(np.isfinite(hessian)) else np.eye(theta.size)
+            hessian = hessian if np.all(np.isfinite(hessian)) else np.eye(theta.size)
+            carried.clear()
+            if known is not None:
+                carried.update(theta=np.array(theta), grad=known, hessian=hessian, age=0)
+            return hessian
 
         theta0 = np.asarray(theta0, dtype=float)
         if self.method == "trust-newton":
@@ -294,6 +326,16 @@ class OuterOptimizer:
                     "edge of the region where the model can be evaluated; check the parameter's bounds or the model."
                 ) from failure
         return 0.5 * (out + out.T)
+
+
+def _sr1_update(hessian: np.ndarray, step: np.ndarray, change: np.ndarray) -> np.ndarray:
+    """The symmetric rank-one update of ``hessian`` by a step and its change of gradient (skipped when the
+    denominator is too small for the update to be trusted, as Nocedal and Wright's 6.26)."""
+    residual = change - hessian @ step
+    denominator = float(residual @ step)
+    if abs(denominator) <= 1e-8 * np.linalg.norm(step) * np.linalg.norm(residual) or denominator == 0.0:
+        return hessian
+    return hessian + np.outer(residual, residual) / denominator
 
 
 # A direction is on the boundary when moving this far along it (unconstrained scale) ...

@@ -364,3 +364,29 @@ def test_bfgs_outer_method_reaches_the_same_cbpp_optimum(mixed_marginal):
     _, _, laplace = mixed_marginal("cbpp")
     result = OuterOptimizer(method="bfgs").maximize(laplace.value_and_grad, laplace.compiled.theta_start)
     assert result.success and result.objective == pytest.approx(-92.026282, abs=1e-6)  # glmmTMB's logLik
+
+
+@pytest.mark.parametrize(("name", "log_lik"), [("cbpp", -92.026282), ("sleepstudy", -875.969672)])  # glmmTMB's
+def test_hessian_carried_by_sr1_reaches_the_same_optimum_for_fewer_gradients(mixed_marginal, name, log_lik):
+    """The differenced Hessian refreshed every third iteration, SR1 updates between: glmmTMB's optimum from the
+    default start (sleepstudy: correlated slopes, where BFGS stops at a boundary maximum), for fewer gradient
+    evaluations than differencing it every iteration."""
+    from pymc_laplace import fit_integrated_laplace
+    from pymc_laplace.integrated import OuterOptimizer
+
+    model, random, laplace = mixed_marginal(name)
+    every, carried = (
+        fit_integrated_laplace(
+            model, random=random, compiled_marginal=laplace, optimizer=OuterOptimizer(hessian_refresh=k),
+            draws=50, chains=1, progressbar=False, random_seed=1,
+        )
+        for k in (1, 3)
+    )  # fmt: skip
+    for result in (every, carried):
+        assert float(get_group(result, "fit")["log_marginal_likelihood"]) == pytest.approx(log_lik, abs=1e-5)
+    fits = [get_group(result, "fit")["mean_vector"].values for result in (every, carried)]
+    np.testing.assert_allclose(fits[1], fits[0], atol=1e-4)
+    counts = [int(get_group(result, "optimizer_result")["evaluations"]) for result in (every, carried)]
+    assert counts[1] < counts[0]
+    with pytest.raises(ModelSpecificationError, match="hessian_refresh=0"):
+        OuterOptimizer(hessian_refresh=0).maximize(laplace.value_and_grad, laplace.compiled.theta_start)
