@@ -50,3 +50,20 @@ def test_chord_steps_end_at_newtons_mode(mixed_marginal, name):
         laplace.compiled = original
         laplace._last = None
         laplace.solve_inner(theta_hat)
+
+
+def test_full_newton_step_is_judged_by_its_gradient_where_the_sum_is_rounded():
+    """A full Newton step is taken when the log density rose (Armijo), when its change is below the density's
+    rounding, or, for a change within the rounding of a sum over millions of rows (1e-10 of it), when the largest
+    gradient component fell to under half; never with a non-finite gradient or a drop beyond that rounding."""
+    from pymc_laplace.inner.marginal import ROUNDING_OF_SUMS, _full_step_accepted
+
+    logp, grad, slope = -7.0e6, np.array([1e-5, -3e-6]), 1e-10
+    resolution = ROUNDING_OF_SUMS * 7.0e6  # 7e-4
+    small, same = np.array([1e-7, 1e-8]), np.array([1e-5, 1e-7])
+    assert _full_step_accepted(logp, grad, slope, (logp + 1e-3, same, None))  # rose
+    assert _full_step_accepted(logp, grad, slope, (logp - 1e-3 * resolution, same, None))  # below rounding
+    assert _full_step_accepted(logp, grad, slope, (logp - 0.5 * resolution, small, None))  # gradient fell
+    assert not _full_step_accepted(logp, grad, slope, (logp - 0.5 * resolution, same, None))  # it did not
+    assert not _full_step_accepted(logp, grad, slope, (logp - 2.0 * resolution, small, None))  # a real drop
+    assert not _full_step_accepted(logp, grad, slope, (logp + 1.0, np.array([np.nan, 0.0]), None))

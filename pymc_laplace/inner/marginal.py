@@ -45,6 +45,29 @@ MIXED_PRODUCT_COLUMNS = 2000
 CHORD_MAX_STEPS = 30
 
 
+def _full_step_accepted(logp: float, grad: np.ndarray, slope: float, full: tuple[Any, ...]) -> bool:
+    """Whether a full Newton step is taken: its log density ``full[0]`` rose enough (Armijo), or its change is within
+    rounding of the log density while the gradient ``full[1]`` fell to under half.
+
+    A sum over millions of observations is known to about ``1e-10`` of itself (summation error), so that near the
+    mode its change says nothing; the largest gradient component of a block is a short sum, known to full precision.
+    """
+    value, new_grad = float(full[0]), full[1]
+    if not (np.isfinite(value) and np.all(np.isfinite(new_grad))):
+        return False
+    if value >= logp + 1e-4 * slope:
+        return True
+    resolution = ROUNDING_OF_SUMS * max(1.0, abs(float(logp)))
+    if value >= logp - 1e-2 * resolution:
+        return True  # a change below the resolution of the log density
+    shrunk = np.max(np.abs(new_grad), initial=0.0) <= 0.5 * np.max(np.abs(grad), initial=0.0)
+    return bool(value >= logp - resolution and shrunk)
+
+
+# The relative error to expect of a log density summed over many observations (see _full_step_accepted).
+ROUNDING_OF_SUMS = 1e-10
+
+
 class InnerSolveError(LaplaceError):
     """The inner Newton solve for the random effects failed at some ``theta``."""
 
@@ -313,8 +336,10 @@ class LaplaceMarginal:
         compiled, inner = self.compiled, self.inner
         labels = compiled.b_layout.labels
         stalled, best_norm, step_norm = 0, np.inf, np.nan
+        evaluated = None  # the value and derivatives at b when the line search already has them
         for step in range(inner.max_steps + 1):
-            logp, grad, hv = compiled.joint_newton(b, theta)
+            logp, grad, hv = evaluated if evaluated is not None else compiled.joint_newton(b, theta)
+            evaluated = None
             if not (np.isfinite(logp) and np.all(np.isfinite(grad)) and np.all(np.isfinite(hv))):
                 bad = np.flatnonzero(~np.isfinite(grad))
                 where = f" (first non-finite gradient at {labels[bad[0]]})" if bad.size else ""
@@ -348,11 +373,16 @@ class LaplaceMarginal:
             t = 1.0
             while t > 1e-12:
                 trial = b + t * direction
-                value = compiled.joint_value(trial, theta)
-                if np.isfinite(value) and value >= logp + 1e-4 * t * slope:
-                    break
-                if t == 1.0 and np.isfinite(value) and value >= logp - 1e-12 * max(1.0, abs(float(logp))):
-                    break  # a full Newton step whose change is below the resolution of the log density
+                if t == 1.0:  # the full step is evaluated with its derivatives: accepted, they serve the next step
+                    full = compiled.joint_newton(trial, theta)
+                    value = full[0]
+                    if _full_step_accepted(logp, grad, slope, full):
+                        evaluated = full
+                        break
+                else:
+                    value = compiled.joint_value(trial, theta)
+                    if np.isfinite(value) and value >= logp + 1e-4 * t * slope:
+                        break
                 t *= 0.5
             else:
                 break
