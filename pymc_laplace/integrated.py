@@ -353,9 +353,10 @@ BATCH_ELEMENTS = 4_000_000
 CHEAP_DRAWS_SECONDS = 2.0
 
 # conditional="auto" draws from the joint Gaussian (linear) when exact draws, estimated from the first one, would
-# take more than this many times the fit and more than this many seconds
+# take more than AUTO_EXACT_FIT_RATIO times the fit or AUTO_EXACT_MAX_SECONDS, and more than AUTO_EXACT_MIN_SECONDS
 AUTO_EXACT_FIT_RATIO = 10.0
 AUTO_EXACT_MIN_SECONDS = 10.0
+AUTO_EXACT_MAX_SECONDS = 120.0
 
 
 def boundary_directions(
@@ -523,7 +524,7 @@ def fit_integrated_laplace(
         joint Gaussian of TMB's ``sdreport`` (no inner solve: for many groups, where the solves cost far more than
         the fit). Either is a Gaussian proposal whose density is recorded, so k-hat and ``importance_resample``
         judge and correct it alike. ``"auto"`` (default): exact, unless the first exact draw's time times the
-        number of draws exceeds ``AUTO_EXACT_FIT_RATIO`` times the fit's time and ``AUTO_EXACT_MIN_SECONDS``; then
+        number of draws exceeds 10 times the fit's time or 2 minutes, and 10 seconds (``AUTO_EXACT_*``); then
         linear. ``attrs["conditional"]`` says which was used.
     n_agq : int
         Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
@@ -751,7 +752,8 @@ def fit_integrated_laplace(
         first_draw = (time.perf_counter() - began) - (compile_seconds() - compile_began)
     if conditional == "auto":
         fit_time = (fitted - started) - (compile_fitted - compile_before)
-        dear = first_draw * n_draws > max(AUTO_EXACT_FIT_RATIO * fit_time, AUTO_EXACT_MIN_SECONDS)
+        budget = max(min(AUTO_EXACT_FIT_RATIO * fit_time, AUTO_EXACT_MAX_SECONDS), AUTO_EXACT_MIN_SECONDS)
+        dear = first_draw * n_draws > budget
         conditional = "linear" if dear else "exact"
         failed.clear()  # a failure of the first exact draw does not concern linear draws (it redrew a valid theta)
     if conditional == "linear":

@@ -89,16 +89,22 @@ def test_vars_in_any_order_give_the_same_fit(bioassay_data):
     assert float(in_order["beta"].mean()) > 3.0 > float(in_order["alpha"].mean())  # beta's mode is near 8
 
 
-@pytest.mark.parametrize("requested", ["linear", "auto"])
-def test_linear_conditional_draws_are_the_joint_gaussian(mixed_marginal, monkeypatch, requested):
+@pytest.mark.parametrize(
+    ("requested", "fit_ratio", "max_seconds"), [("linear", 10.0, 120.0), ("auto", 0.0, 120.0), ("auto", 1e9, 0.0)]
+)
+def test_linear_conditional_draws_are_the_joint_gaussian(
+    mixed_marginal, monkeypatch, requested, fit_ratio, max_seconds
+):
     """conditional="linear": (theta, b) from the joint Gaussian of TMB's sdreport, with its density as log_q; and
-    conditional="auto" the same when exact draws are judged too dear (here: any cost at all)."""
+    conditional="auto" the same when exact draws are judged too dear (here any cost at all, against the fit's time
+    or against the cap in seconds)."""
     from scipy import stats
 
     import pymc_laplace.integrated
     from pymc_laplace import fit_integrated_laplace, get_group
 
-    monkeypatch.setattr(pymc_laplace.integrated, "AUTO_EXACT_FIT_RATIO", 0.0)
+    monkeypatch.setattr(pymc_laplace.integrated, "AUTO_EXACT_FIT_RATIO", fit_ratio)
+    monkeypatch.setattr(pymc_laplace.integrated, "AUTO_EXACT_MAX_SECONDS", max_seconds)
     monkeypatch.setattr(pymc_laplace.integrated, "AUTO_EXACT_MIN_SECONDS", 0.0)
     model, random, laplace = mixed_marginal("cbpp")
     result = fit_integrated_laplace(
