@@ -255,3 +255,140 @@ def test_failures_during_sampling_are_reported(gaussian_marginal, monkeypatch):
     post = get_group(result, "posterior")
     assert post.attrs["inner_failures"] > 0
     assert float(post["tau"].min()) >= 0.6  # the chains never accept a step where the density could not be had
+
+
+# ------------------------------------------------------------------ where Laplace is off: binary pairs, urchin
+PAIR_GROUPS = np.repeat(np.arange(60), 2)  # two binary answers per group, large between-group spread
+
+def _pair_answers() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    intercepts = rng.normal(0.0, 3.0, 60)
+    return rng.binomial(1, 1.0 / (1.0 + np.exp(-intercepts[PAIR_GROUPS])))
+
+
+PAIR_Y = _pair_answers()
+
+
+def binary_pairs_model() -> pm.Model:
+    with pm.Model() as model:
+        a = pm.Normal("a", 0.0, 10.0)
+        sigma = pm.HalfNormal("sigma", 5.0)
+        u = pm.Normal("u", 0.0, sigma, shape=60)
+        pm.Bernoulli("y", logit_p=a + u[PAIR_GROUPS], observed=PAIR_Y)
+    return model
+
+
+def binary_pairs_exact_posterior(points: int = 101, nodes: int = 401) -> dict[str, tuple[float, float]]:
+    """Posterior mean and SD of ``a`` and ``sigma`` on a grid over ``(a, log sigma)``; each group's integral over its
+    random intercept by the trapezoid rule on ``nodes`` points over +-10 prior SDs (groups with equal counts share
+    it)."""
+    from scipy import special
+
+    counts = np.bincount(np.bincount(PAIR_GROUPS, weights=PAIR_Y).astype(int), minlength=3)
+    a, log_sigma = np.meshgrid(np.linspace(-6.0, 6.0, points), np.linspace(-1.0, 3.5, points), indexing="ij")
+    z = np.linspace(-10.0, 10.0, nodes)
+    log_w = stats.norm.logpdf(z) + np.log(z[1] - z[0])
+    eta = a[..., None] + np.exp(log_sigma)[..., None] * z
+    log_post = stats.norm.logpdf(a, 0.0, 10.0) + stats.halfnorm.logpdf(np.exp(log_sigma), scale=5.0) + log_sigma
+    for ones, n_groups in enumerate(counts):
+        pair = ones * special.log_expit(eta) + (2 - ones) * special.log_expit(-eta)
+        log_post += n_groups * special.logsumexp(pair + log_w, axis=-1)
+    w = np.exp(log_post - log_post.max())
+    w /= w.sum()
+    out = {}
+    for name, x in (("a", a), ("sigma", np.exp(log_sigma))):
+        mean = float(np.sum(w * x))
+        out[name] = (mean, float(np.sqrt(np.sum(w * x**2) - mean**2)))
+    return out
+
+
+def test_laplace_error_is_reported_before_and_after_sampling():
+    from pymc_laplace import ApproximationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = sample_integrated(
+            binary_pairs_model(), random=["u"], draws=200, tune=200, chains=1, random_seed=2, progressbar=False
+        )
+    said = [str(w.message) for w in caught if issubclass(w.category, ApproximationWarning)]
+    assert len(said) == 2, said
+    assert said[0].startswith("At the maximum of the marginal posterior, Laplace's log likelihood is off by +")
+    assert said[1].startswith("At the posterior mean of theta") and "n_agq" in said[1]
+    attrs = get_group(result, "posterior").attrs
+    assert attrs["laplace_error_aghq_map"] >= 1.0 and attrs["laplace_error_aghq"] >= 1.0 and attrs["n_agq"] == 1
+    # and it is right to warn: Laplace's posterior of sigma is low by more than half an SD of the exact one
+    exact_mean, exact_sd = binary_pairs_exact_posterior()["sigma"]
+    assert float(get_group(result, "posterior")["sigma"].mean()) < exact_mean - 0.5 * exact_sd
+
+
+def test_n_agq_is_checked():
+    model = binary_pairs_model()
+    with pytest.raises(ModelSpecificationError, match="n_agq"):
+        sample_integrated(model, random=["u"], n_agq=0)
+    with pytest.raises(ModelSpecificationError, match="nodes per block"):
+        sample_integrated(model, random=["u"], n_agq=200_000)
+
+
+def test_binary_pairs_reference_is_converged():
+    coarse, fine = binary_pairs_exact_posterior(61, 301), binary_pairs_exact_posterior(141, 801)
+    for name in coarse:
+        np.testing.assert_allclose(coarse[name], fine[name], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_n_agq_samples_the_exact_posterior_where_laplace_does_not():
+    """With 30 nodes per random intercept (error under 0.02 of the log likelihood up to sigma = 8) NUTS over theta
+    samples the exact posterior: moments within 4 Monte Carlo SEs and 10% of the SD."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = sample_integrated(
+            binary_pairs_model(), random=["u"], n_agq=30, draws=500, tune=500, chains=2, random_seed=1,
+            progressbar=False,
+        )  # fmt: skip
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "not converged" in m or "failed at" in m or "Laplace's log" in m], said
+    exact = binary_pairs_exact_posterior()
+    post = get_group(result, "posterior")
+    assert post.attrs["n_agq"] == 30 and np.isnan(post.attrs["laplace_error_aghq"])
+    for name, (mean, sd) in exact.items():
+        draws = np.asarray(post[name].values)
+        assert abs(draws.mean() - mean) < 4 * mc_se(draws), name
+        assert draws.std() == pytest.approx(sd, rel=0.1), name
+    log_marginal = np.asarray(get_group(result, "sample_stats")["log_marginal"].values)
+    assert np.all(np.isfinite(log_marginal))
+
+
+@pytest.mark.slow
+def test_urchin_laplace_posterior_is_flagged_before_sampling():
+    """The urchin model with its priors: at the maximum of the Laplace marginal posterior (sig_g about 2) each urchin's
+    two random effects, held by one observation, lie on a curved ridge. Laplace's log likelihood there is off by
+    several units, and AGHQ itself has not converged at 31 x 31 nodes, so full NUTS is the reference
+    (bench/bench_bayes.py sets the two side by side). sample_integrated says so before it samples."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from random_effects import urchin_model
+
+    from pymc_laplace import ApproximationWarning
+    from pymc_laplace.inner.quadrature import block_quadrature
+
+    model = urchin_model()
+    laplace = marginal(model, random=["log_g", "log_p"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = sample_integrated(
+            model, random=["log_g", "log_p"], compiled_marginal=laplace, draws=10, tune=10, chains=1,
+            random_seed=1, progressbar=False,
+        )  # fmt: skip
+    said = [str(w.message) for w in caught if issubclass(w.category, ApproximationWarning)]
+    assert said and said[0].startswith("At the maximum of the marginal posterior"), said
+    attrs = get_group(result, "posterior").attrs
+    assert attrs["laplace_error_aghq_map"] >= 1.0
+    # the same maximum found again; not an artefact of 5 nodes: with 15 and 31 per dimension Laplace is off by more
+    from pymc_laplace.integrated import OuterOptimizer
+
+    theta_map = OuterOptimizer().maximize(LaplaceMarginalOp(laplace).evaluate, laplace.compiled.theta_start).theta
+    assert block_quadrature(laplace, theta_map, 5).difference == pytest.approx(attrs["laplace_error_aghq_map"])
+    for n_nodes in (15, 31):
+        assert block_quadrature(laplace, theta_map, n_nodes).difference > 5.0, n_nodes

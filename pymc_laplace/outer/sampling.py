@@ -26,10 +26,16 @@ from pymc_laplace._compat import get_group
 from pymc_laplace._progress import progress_bar
 from pymc_laplace.compile.graphs import compile_seconds, resolve_variables, validate_arguments
 from pymc_laplace.convert import build_result
-from pymc_laplace.errors import ModelSpecificationError
+from pymc_laplace.errors import ApproximationWarning, ModelSpecificationError
 from pymc_laplace.gaussian import LOG_2PI
 from pymc_laplace.inner.blocks import BlockStructure
 from pymc_laplace.inner.marginal import InnerNewton, InnerSolveError, LaplaceMarginal
+from pymc_laplace.inner.quadrature import (
+    LAPLACE_ERROR_WARNING,
+    check_quadrature,
+    default_check,
+    quadrature_value_and_grad,
+)
 from pymc_laplace.integrated import OuterOptimizer, marginal_for, random_attrs
 from pymc_laplace.laplace import draw_groups, evaluate_draws, log_likelihood_request
 
@@ -45,7 +51,10 @@ class LaplaceMarginalOp(Op):
     ``laplace.compiled.theta_layout``. The first output is the Laplace log marginal likelihood, plus the log prior
     of ``theta`` with the Jacobians of its transforms when ``prior=True``; the second is its exact gradient
     (implicit function theorem), which is also what the Op's gradient returns, so ``pm.sample`` evaluates both in
-    one inner solve. The inner solve is warm-started from the last solution (the previous leapfrog step).
+    one inner solve. The inner solve is warm-started from the last solution (the previous leapfrog step). With
+    ``n_agq > 1`` the marginal is adaptive Gauss-Hermite quadrature with ``n_agq`` nodes per dimension over each
+    independent block of random effects (:func:`pymc_laplace.inner.quadrature.quadrature_value_and_grad`), also
+    with its exact gradient.
 
     A ``theta`` where the inner solve fails (no conditional mode found, ``Q`` not positive definite) gets log
     density ``-inf``: NUTS rejects the step as a divergence. The failures are counted in ``failures`` (shared with
@@ -65,9 +74,12 @@ class LaplaceMarginalOp(Op):
     >>> value, grad = op(pt.as_tensor_variable(np.zeros(1)))
     """
 
-    def __init__(self, laplace: LaplaceMarginal, *, prior: bool = True) -> None:
+    def __init__(self, laplace: LaplaceMarginal, *, prior: bool = True, n_agq: int = 1) -> None:
+        if n_agq > 1:
+            check_quadrature(laplace, n_agq)  # raises, with the reason, where the blocks do not allow it
         self.laplace = laplace
         self.prior = prior
+        self.n_agq = int(n_agq)
         self.failures = multiprocessing.Value("l", 0)
         self.first_failure: str | None = None
 
@@ -80,7 +92,8 @@ class LaplaceMarginalOp(Op):
 
     def __str__(self) -> str:
         names = ", ".join(self.laplace.compiled.b_layout.names)
-        return f"LaplaceMarginal({names} integrated out{', with prior' if self.prior else ''})"
+        method = "Laplace" if self.n_agq == 1 else f"AGHQ {self.n_agq}"
+        return f"LaplaceMarginal({names} integrated out by {method}{', with prior' if self.prior else ''})"
 
     def make_node(self, theta: Any) -> Apply:
         theta = pt.as_tensor_variable(theta).astype("float64")
@@ -93,7 +106,10 @@ class LaplaceMarginalOp(Op):
         """The Op's two outputs at ``theta`` (``-inf`` and zeros where the inner solve fails)."""
         theta = np.asarray(theta, dtype=float)
         try:
-            value, grad = self.laplace.value_and_grad(theta)
+            if self.n_agq == 1:
+                value, grad = self.laplace.value_and_grad(theta)
+            else:
+                value, grad = quadrature_value_and_grad(self.laplace, theta, self.n_agq)
             if self.prior:
                 log_prior, prior_grad = self.laplace.compiled.prior(theta)
                 value, grad = value + float(log_prior), grad + np.asarray(prior_grad, dtype=float)
@@ -132,6 +148,7 @@ def sample_integrated(
     progressbar: bool = True,
     initvals: Mapping[str, Any] | None = None,
     start: str = "map",
+    n_agq: int = 1,
     inner: InnerNewton | None = None,
     compiled_marginal: LaplaceMarginal | None = None,
     idata_kwargs: Mapping[str, Any] | None = None,
@@ -159,6 +176,12 @@ def sample_integrated(
     start : {"map", "initial"}
         Where the chains start: the maximum of ``p(theta) L(theta)`` found by the outer optimiser (default), or the
         model's initial point. pymc's own jitter is then applied as ``init`` says.
+    n_agq : int
+        Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
+        (``n_agq^d`` nodes per block of ``d``), in place of the Laplace marginal: 1 (default) is Laplace. Where
+        :func:`pymc_laplace.check_laplace` finds Laplace off by more than a few tenths, more nodes bring the
+        posterior of ``theta`` to that of the full model. Needs a block-diagonal ``Q``. The random effects are
+        still drawn from their conditional Gaussian given each ``theta``, and ``log_marginal`` is the quadrature's.
     inner : InnerNewton, optional
     compiled_marginal : LaplaceMarginal, optional
         What :func:`pymc_laplace.marginal` compiled for this model and these random effects, reused.
@@ -175,14 +198,18 @@ def sample_integrated(
         each ``theta``), ``sample_stats`` of NUTS (divergences, tree depth, ...) with ``log_marginal`` (``p(theta)
         L(theta)`` of each draw), ``observed_data``, ``constant_data`` and, by default, ``log_likelihood``. The attrs
         record ``inner_failures`` (steps rejected because the inner solve failed), ``max_rhat`` and ``min_ess_bulk``
-        over the outer parameters (a warning names those past R-hat 1.01 or 100 effective draws per chain) and the
-        time spent compiling, sampling and drawing the random effects.
+        over the outer parameters (a warning names those past R-hat 1.01 or 100 effective draws per chain),
+        ``laplace_error_aghq`` and ``laplace_error_aghq_map`` (Laplace against 5-node AGHQ at the posterior mean of
+        ``theta`` and at the start found by ``start="map"``, where the blocks allow it cheaply; an
+        ``ApproximationWarning`` from 1 on, the second before sampling starts), ``n_agq`` and the time spent
+        compiling, sampling and drawing the random effects.
 
     Raises
     ------
     ModelSpecificationError
         As :func:`pymc_laplace.marginal`; also ``random`` covering every free variable, bad ``draws``/``chains``,
-        an unknown ``start``, or a ``step``/``nuts_sampler`` other than PyMC's own NUTS.
+        an unknown ``start``, a ``step``/``nuts_sampler`` other than PyMC's own NUTS, or ``n_agq > 1`` where ``Q``
+        is not block-diagonal or the blocks would need too many nodes.
     InnerSolveError
         The random effects could not be drawn at an accepted draw of ``theta``.
 
@@ -216,12 +243,17 @@ def sample_integrated(
         )
     laplace = marginal_for(model, random, random_values, compiled_marginal, inner, initvals, compile_kwargs)
     compiled = laplace.compiled
-    op = LaplaceMarginalOp(laplace, prior=True)
+    if not isinstance(n_agq, (int, np.integer)) or isinstance(n_agq, bool) or n_agq < 1:
+        raise ModelSpecificationError(f"`n_agq` must be a positive integer, not {n_agq!r}.")
+    op = LaplaceMarginalOp(laplace, prior=True, n_agq=n_agq)
     theta0 = compiled.theta_start.copy()
+    laplace_error_map = float("nan")
     if start == "map":
         outer = OuterOptimizer().maximize(op.evaluate, theta0)
         if np.isfinite(outer.objective):
             theta0 = outer.theta
+            # said before sampling starts: a user can stop a long run that would sample the wrong posterior
+            laplace_error_map = _check_laplace_at(laplace, theta0, n_agq, "the maximum of the marginal posterior")
         op.failures.value, op.first_failure = 0, None  # count the failures of sampling only
 
     with pm.Model() as outer_model:
@@ -266,9 +298,13 @@ def sample_integrated(
         for name, array in stats.data_vars.items()
         if array.dims == ("chain", "draw") and name != "lp"
     }
+    if n_agq > 1:  # NUTS's own log density is the quadrature marginal plus the prior (a flat vector, no Jacobian)
+        log_marginal = np.asarray(stats["lp"].values, dtype=float).reshape(-1)
     sample_stats["log_marginal"] = log_marginal.reshape(n_chains, n_draws)
     sample_stats["lp"] = log_p
     convergence = _convergence(theta_draws, compiled.theta_layout.labels)
+    theta_mean = theta_draws.reshape(-1, theta_draws.shape[-1]).mean(axis=0)
+    laplace_error = _check_laplace_at(laplace, theta_mean, n_agq, "the posterior mean of theta")
     failures = int(op.failures.value)
     if failures:
         detail = f"; the first: {op.first_failure}" if op.first_failure else ""
@@ -282,6 +318,7 @@ def sample_integrated(
     attrs = {
         "method": "integrated_laplace_nuts",
         "random": list(compiled.b_layout.names),
+        "n_agq": int(n_agq),
         "inner_failures": failures,
         **random_attrs(compiled),
         "compile_seconds": compile_drawn - compile_before,
@@ -289,9 +326,10 @@ def sample_integrated(
         "draws_seconds": (drawn - sampled) - (compile_drawn - compile_sampled),
         "start_seconds": (prepared - started) - (compile_prepared - compile_before),
         "tuning_steps": int(tune),
+        "laplace_error_aghq": laplace_error,
+        "laplace_error_aghq_map": laplace_error_map,
         **convergence,
     }
-    theta_mean = theta_draws.reshape(-1, theta_draws.shape[-1]).mean(axis=0)
     theta_cov = np.atleast_2d(np.cov(theta_draws.reshape(-1, theta_draws.shape[-1]), rowvar=False))
     return build_result(
         posterior=posterior,
@@ -338,6 +376,27 @@ def _convergence(theta_draws: np.ndarray, labels: Sequence[str]) -> dict[str, fl
         "max_rhat": float(np.nanmax(rhat)) if n_chains > 1 else float("nan"),
         "min_ess_bulk": float(np.nanmin(ess)),
     }
+
+
+def _check_laplace_at(laplace: LaplaceMarginal, theta: np.ndarray, n_agq: int, where: str) -> float:
+    """Laplace against a few-node AGHQ at ``theta`` (NaN where that is not cheap, or where the marginal sampled is
+    already the quadrature's); a warning from ``LAPLACE_ERROR_WARNING`` on."""
+    if n_agq > 1:
+        return float("nan")
+    try:
+        error = default_check(laplace, theta)
+    except InnerSolveError:
+        return float("nan")
+    if abs(error) >= LAPLACE_ERROR_WARNING:
+        warnings.warn(
+            f"At {where}, Laplace's log likelihood is off by {error:+.3g} against adaptive Gauss-Hermite quadrature "
+            "over each block of random effects: the posterior sampled is that of the Laplace approximation, which "
+            "can differ from the model's. Sample again with n_agq > 1 (quadrature in place of Laplace; the result "
+            "should not move as n_agq grows) or compare with full NUTS (pm.sample) before trusting it.",
+            ApproximationWarning,
+            stacklevel=3,
+        )
+    return float(error)
 
 
 def conditional_random_effects(
