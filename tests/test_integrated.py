@@ -390,3 +390,26 @@ def test_hessian_carried_by_sr1_reaches_the_same_optimum_for_fewer_gradients(mix
     assert counts[1] < counts[0]
     with pytest.raises(ModelSpecificationError, match="hessian_refresh=0"):
         OuterOptimizer(hessian_refresh=0).maximize(laplace.value_and_grad, laplace.compiled.theta_start)
+
+
+def test_hessian_refresh_auto_carries_the_hessian_only_for_coupled_random_effects(mixed_marginal):
+    """Penicillin's crossed effects are one sparse system: SR1 between differenced Hessians, glmmTMB's optimum for
+    fewer gradients than differencing every iteration. cbpp's independent blocks keep a Hessian every iteration."""
+    from pymc_laplace import fit_integrated_laplace
+    from pymc_laplace.integrated import AUTO_HESSIAN_REFRESH, OuterOptimizer
+
+    assert OuterOptimizer().for_marginal(mixed_marginal("cbpp")[2]).hessian_refresh == 1
+    model, random, laplace = mixed_marginal("penicillin")
+    assert OuterOptimizer().for_marginal(laplace).hessian_refresh == AUTO_HESSIAN_REFRESH > 1
+    assert OuterOptimizer(hessian_refresh=2).for_marginal(laplace).hessian_refresh == 2
+    auto, every = (
+        fit_integrated_laplace(
+            model, random=random, compiled_marginal=laplace, optimizer=optimizer, draws=20, chains=1,
+            progressbar=False, random_seed=1,
+        )
+        for optimizer in (None, OuterOptimizer(hessian_refresh=1))
+    )  # fmt: skip
+    for result in (auto, every):
+        assert float(get_group(result, "fit")["log_marginal_likelihood"]) == pytest.approx(-166.094174, abs=1e-5)
+    counts = [int(get_group(result, "optimizer_result")["evaluations"]) for result in (auto, every)]
+    assert counts[0] < counts[1]

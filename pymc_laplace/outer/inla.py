@@ -307,7 +307,7 @@ def fit_by_design(
             bar.update(advance=1, status=f"log posterior {value:.6g}")
             return value, grad
 
-        outer = (optimizer or OuterOptimizer()).maximize(tracked, compiled.theta_start)
+        outer = (optimizer or OuterOptimizer()).for_marginal(laplace).maximize(tracked, compiled.theta_start)
     if not outer.success:
         warnings.warn(
             f"The mode of the log posterior of theta was not found ({outer.message}); the design is centred at the "

@@ -249,7 +249,7 @@ def sample_integrated(
     theta0 = compiled.theta_start.copy()
     laplace_error_map = float("nan")
     if start == "map":
-        outer = OuterOptimizer().maximize(op.evaluate, theta0)
+        outer = OuterOptimizer().for_marginal(laplace).maximize(op.evaluate, theta0)
         if np.isfinite(outer.objective):
             theta0 = outer.theta
             # said before sampling starts: a user can stop a long run that would sample the wrong posterior
