@@ -121,6 +121,57 @@ def test_pattern_covers_the_dense_hessian_at_random_points(compiled, name):
     np.testing.assert_array_equal(pattern, seen)
 
 
+# Gaussian data and random effects: the log density is quadratic in the random effects, so Q does not depend on them
+QUADRATIC = {"sleepstudy", "penicillin"}
+
+
+@pytest.mark.parametrize("name", [*SYNTHETIC, *REAL])
+def test_hessian_read_as_constant_in_b_is_constant(compiled, name):
+    """Where the graph says the log density is at most quadratic in b, PyMC's own dense Hessian is the same at
+    random b far apart; the Gaussian models are recognised as such, the others are not."""
+    _, _, laplace, oracle = compiled(name)
+    assert laplace.compiled.hessian_constant_in_b == (name in QUADRATIC)
+    rng = np.random.default_rng(13)
+    theta = _random_thetas(laplace, rng, count=1)[0]
+    point = laplace.compiled.theta_layout.split(theta)
+    n_b = laplace.compiled.b_layout.size
+    first, second = (oracle(rng.normal(0.0, 2.0, size=n_b), point)[2] for _ in range(2))
+    if laplace.compiled.hessian_constant_in_b:
+        np.testing.assert_allclose(second, first, rtol=1e-10, atol=1e-10 * np.max(np.abs(first)))
+    else:
+        assert not np.allclose(second, first, rtol=1e-6)
+
+
+def _degree(build) -> int | None:
+    from pymc_laplace.compile.structure import polynomial_degree
+
+    x = pt.vector("x")
+    return polynomial_degree(build(x), x)
+
+
+@pytest.mark.parametrize(
+    ("build", "degree"),
+    [
+        (lambda x: pt.sum(x), 1),
+        (lambda x: pt.sum((x[[0, 0, 1]] - 2.0) ** 2 / pt.scalar("s")), 2),
+        (lambda x: pt.sum(pt.sqr(pt.dot(pt.matrix("A"), x))), 2),
+        (lambda x: pt.sum(x**3 * pt.vector("d")), 3),
+        (lambda x: pt.sum(x * x * x[::-1]), 3),
+        (lambda x: pt.sum(pt.concatenate([x, 2 * x]) ** 2), 2),
+        (lambda x: pt.sum(pt.switch(pt.vector("c") > 0, x, x**2)), 2),
+        (lambda x: pt.sum(pt.set_subtensor(pt.zeros(5)[[1, 3]], x[:2]) ** 2), 2),
+        (lambda x: pt.sum(pt.exp(x)), None),  # not a polynomial
+        (lambda x: pt.sum(x**0.5), None),
+        (lambda x: pt.sum(1.0 / x), None),
+        (lambda x: pt.sum(x ** pt.scalar("p")), None),  # an exponent that may be anything
+        (lambda x: pt.sum(pt.switch(x > 0, x, 2 * x)), None),  # a branch on x itself
+        (lambda x: pt.max(x**2), None),
+    ],
+)
+def test_polynomial_degree_of_small_graphs(build, degree):
+    assert _degree(build) == degree
+
+
 @pytest.mark.parametrize("name", [*SYNTHETIC, *REAL])
 def test_marginal_matches_the_dense_laplace(compiled, name):
     _, _, laplace, oracle = compiled(name)

@@ -796,6 +796,10 @@ class CompiledSplit:
     data_containers : tuple of shared variables
         Every data container the functions read (observed ``pm.Data`` included): a solution cached for one set of
         their values is not reused for another.
+    hessian_constant_in_b : bool
+        ``l`` is read from the graph to be a polynomial of degree at most 2 in ``b``
+        (:func:`~pymc_laplace.compile.structure.polynomial_degree`): ``Q`` does not depend on ``b``, so one
+        factorisation serves every inner Newton step at a ``theta`` (Gaussian data and random effects).
     """
 
     theta_layout: FlatLayout
@@ -826,6 +830,7 @@ class CompiledSplit:
     joint_grads: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None = None
     joint_grads_batched: Callable[[np.ndarray, np.ndarray], list[np.ndarray]] | None = None
     data_containers: tuple[Any, ...] = ()
+    hessian_constant_in_b: bool = False
 
 
 @_timed
@@ -842,7 +847,7 @@ def compile_split(
     of their transforms: the integral is over their unconstrained values) and of the potentials; the prior of
     ``theta`` is compiled separately.
     """
-    from pymc_laplace.compile.structure import hessian_coloring, walk_hessian_pattern
+    from pymc_laplace.compile.structure import hessian_coloring, polynomial_degree, walk_hessian_pattern
 
     if isinstance(random, str):
         random = [random]
@@ -905,6 +910,7 @@ def compile_split(
     theta_start = theta_layout.join(point) if theta_values else np.zeros(0)
     walk_point = {b: b_layout.join(point), theta: theta_start}
     walked = walk_hessian_pattern(joint_lp, b, walk_point)
+    degree = polynomial_degree(joint_lp, b)
     pattern = walked.pattern
     colors = hessian_coloring(pattern)
     n_colors = int(colors.max()) + 1 if colors.size else 0
@@ -954,6 +960,7 @@ def compile_split(
         b_in_joint=layout.indices(list(b_layout.names)),
         joint_grads=bound["joint_grads"],
         joint_grads_batched=bound["joint_grads_batched"] if batchable else None,
+        hessian_constant_in_b=degree is not None and degree <= 2,
     )
     if key is not None:
         _CACHE.setdefault(model, {})[key] = compiled

@@ -704,3 +704,85 @@ __all__ = [
     "symmetric_pattern",
     "walk_hessian_pattern",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------- degree
+# Elementwise scalar ops and what they do to the polynomial degree of their arguments in ``wrt``
+_DEGREE_MAX_OPS = (ps.Add, ps.Sub)
+_DEGREE_SAME_OPS = (ps.Neg, ps.Identity)
+
+
+def polynomial_degree(output: Variable, wrt: Variable) -> int | None:
+    """The degree of ``output`` as a polynomial in ``wrt``, read from the graph; ``None`` where it is not one.
+
+    Degrees move through the ops known to keep a polynomial a polynomial: sums and differences (the larger degree),
+    products (the sum), division by and powers to constants (a non-negative integer exponent), rearrangements,
+    indexing, broadcasting, reductions by summation, matrix products, triangular or general solves with a matrix
+    free of ``wrt``, and PyMC's parameter checks (conditions free of ``wrt``). Any other op on a variable that
+    depends on ``wrt`` gives ``None``: the answer may be "not known to be a polynomial" for one that is, never a
+    degree too low. A degree of at most 2 means the Hessian in ``wrt`` does not depend on ``wrt`` at all, whatever
+    the values of the graph's other inputs.
+    """
+    degree: dict[Variable, int] = {wrt: 1}
+    for node in io_toposort(list(graph_inputs([output])), [output]):
+        inputs = [degree.get(var, 0) for var in node.inputs]
+        if not any(inputs):
+            continue
+        out = _node_degree(node, inputs)
+        if out is None:
+            return None
+        for var in node.outputs:
+            degree[var] = out
+    return degree.get(output, 0)
+
+
+def _node_degree(node: Any, inputs: list[int]) -> int | None:
+    """The degree of ``node``'s outputs in ``wrt`` given its inputs' (at least one positive), or None."""
+    op = node.op
+    first, rest = inputs[0], inputs[1:]
+    if _is_identity_like(op) or isinstance(op, (*_MAPPING_OPS, Sum)):
+        # the first input moved, checked or summed; indices, shapes and conditions must be free of wrt
+        return first if not any(rest) else None
+    if type(op).__name__ in ("Shape", "Shape_i"):
+        return 0
+    if isinstance(op, (Join, MakeVector)):
+        return max(inputs) if not (_has_axis_input(node) and inputs[0]) else None
+    if isinstance(op, (IncSubtensor, AdvancedIncSubtensor, AdvancedIncSubtensor1)):
+        return max(inputs[:2]) if not any(inputs[2:]) else None
+    if isinstance(op, Dot):
+        return sum(inputs)
+    core = op.core_op if isinstance(op, Blockwise) else op
+    if isinstance(core, SolveBase) and len(inputs) == 2:
+        return inputs[1] if inputs[0] == 0 else None
+    if isinstance(op, Elemwise):
+        scalar = op.scalar_op
+        if isinstance(scalar, _DEGREE_MAX_OPS):
+            return max(inputs)
+        if isinstance(scalar, _DEGREE_SAME_OPS):
+            return first
+        if isinstance(scalar, ps.Cast):
+            return first if str(node.outputs[0].dtype).startswith("float") else None
+        if isinstance(scalar, ps.Mul):
+            return sum(inputs)
+        if isinstance(scalar, ps.TrueDiv):
+            return first if inputs[1] == 0 else None
+        if isinstance(scalar, ps.Sqr):
+            return 2 * first
+        if isinstance(scalar, ps.Pow) and inputs[1] == 0:
+            exponent = _constant_value(node.inputs[1])
+            if exponent is not None and exponent >= 0 and float(exponent).is_integer():
+                return int(exponent) * first
+            return None
+        if isinstance(scalar, ps.Switch) and inputs[0] == 0:
+            return max(inputs[1:])
+    return None
+
+
+def _constant_value(var: Variable) -> float | None:
+    """The value of a scalar constant (possibly broadcast), or None."""
+    from pytensor.tensor.basic import get_underlying_scalar_constant_value
+
+    try:
+        return float(get_underlying_scalar_constant_value(var))
+    except Exception:  # NotScalarConstantError, or a constant that is not one number
+        return None

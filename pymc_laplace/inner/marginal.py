@@ -337,6 +337,9 @@ class LaplaceMarginal:
         labels = compiled.b_layout.labels
         stalled, best_norm, step_norm = 0, np.inf, np.nan
         evaluated = None  # the value and derivatives at b when the line search already has them
+        # where Q does not depend on b (read from the graph), the products and the factor of the first step serve all
+        constant_q = compiled.hessian_constant_in_b
+        factored: tuple[Any, Any, Any] | None = None  # (hv, factor, bad blocks) last factorised
         for step in range(inner.max_steps + 1):
             logp, grad, hv = evaluated if evaluated is not None else compiled.joint_newton(b, theta)
             evaluated = None
@@ -350,7 +353,11 @@ class LaplaceMarginal:
                 )
             q = -hv
             grad_norm = float(np.max(np.abs(grad), initial=0.0))
-            factor, bad_blocks = self.structure.factor(q)
+            if factored is not None and factored[0] is hv:
+                _, factor, bad_blocks = factored
+            else:
+                factor, bad_blocks = self.structure.factor(q)
+                factored = (hv, factor, bad_blocks)
             # The log-determinant depends on b to first order, so b^ must be accurate: iterate until both the
             # gradient and the Newton step are small, and accept "floating-point precision" only when full Newton
             # steps stop reducing a small gradient.
@@ -374,7 +381,9 @@ class LaplaceMarginal:
             while t > 1e-12:
                 trial = b + t * direction
                 if t == 1.0:  # the full step is evaluated with its derivatives: accepted, they serve the next step
-                    full = compiled.joint_newton(trial, theta)
+                    full = (
+                        (*compiled.joint_grad(trial, theta), hv) if constant_q else compiled.joint_newton(trial, theta)
+                    )
                     value = full[0]
                     if _full_step_accepted(logp, grad, slope, full):
                         evaluated = full
