@@ -100,7 +100,13 @@ def worker(name: str, method: str) -> dict:
 
 
 def run(args: list[str], timeout: float = 1800) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired:
+        print(f"{' '.join(args)}: not done in {timeout:.0f} s", file=sys.stderr)
+        return {"timeout": timeout}
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("{"):
             return json.loads(line)
@@ -172,16 +178,20 @@ def main() -> None:
             results[(name, method)] = r = run(["--worker", name, method])
             print(name, method, r, flush=True)
         full = results[(name, "nuts_full")]
+        full = full if full and "timeout" not in full else None
         for method in ("nuts_full", "nuts_theta", "grid", "ccd"):
             r = results.get((name, method))
             if not r:
                 continue
+            if "timeout" in r:
+                lines.append(f"| {name} | {method} | > {r['timeout']:.0f} (cut short) | - | - | - | - | - |")
+                continue
             eps = r.get("ess_per_second")
             ratio = f"{eps / full['ess_per_second']:.2f}" if eps and full and full.get("ess_per_second") else "-"
+            time_ratio = f"{r['seconds'] / full['seconds']:.2f}" if full else "-"
             lines.append(
                 f"| {name} | {method} | {r['seconds']:.1f} | {r.get('min_ess', float('nan')):.0f} | "
-                f"{r.get('max_rhat', float('nan')):.3f} | "
-                f"{eps if eps else float('nan'):.1f} | {ratio} | {r['seconds'] / full['seconds']:.2f} |"
+                f"{r.get('max_rhat', float('nan')):.3f} | {eps if eps else float('nan'):.1f} | {ratio} | {time_ratio} |"
             )
     lines += ["", "Posterior mean (SD) of the outer parameters, first component of a vector:", "",
               "| model | parameter | nuts_full | nuts_theta | grid / ccd |", "|---|---|---|---|---|"]  # fmt: skip
@@ -190,7 +200,7 @@ def main() -> None:
             cells = []
             for method in ("nuts_full", "nuts_theta", INTEGRATION[name]):
                 r = results.get((name, method))
-                cells.append(f"{r['means'][var][0]:.3f} ({r['sds'][var][0]:.3f})" if r else "-")
+                cells.append(f"{r['means'][var][0]:.3f} ({r['sds'][var][0]:.3f})" if r and "means" in r else "-")
             lines.append(f"| {name} | {var} | " + " | ".join(cells) + " |")
     lines += ["", "Warnings raised by each run:", ""]
     for (name, method), r in results.items():
