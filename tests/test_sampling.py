@@ -345,8 +345,9 @@ def test_n_agq_samples_the_exact_posterior_where_laplace_does_not():
             binary_pairs_model(), random=["u"], n_agq=30, draws=500, tune=500, chains=2, random_seed=1,
             progressbar=False,
         )  # fmt: skip
+    # inner solves that fail at far proposals of sigma during warm-up are rejected as divergences, and said: allowed
     said = [str(w.message) for w in caught]
-    assert not [m for m in said if "not converged" in m or "failed at" in m or "Laplace's log" in m], said
+    assert not [m for m in said if "not converged" in m or "Laplace's log" in m], said
     exact = binary_pairs_exact_posterior()
     post = get_group(result, "posterior")
     assert post.attrs["n_agq"] == 30 and np.isnan(post.attrs["laplace_error_aghq"])
@@ -392,3 +393,13 @@ def test_urchin_laplace_posterior_is_flagged_before_sampling():
     assert block_quadrature(laplace, theta_map, 5).difference == pytest.approx(attrs["laplace_error_aghq_map"])
     for n_nodes in (15, 31):
         assert block_quadrature(laplace, theta_map, n_nodes).difference > 5.0, n_nodes
+    # and beside full NUTS the flag is right: the model's posterior puts sig_g near 0.2, where the Laplace marginal
+    # posterior peaks at about 2 (full NUTS itself mixes slowly in log_omega, so only sig_g is compared)
+    full = pm.sample(
+        draws=500, tune=500, chains=2, cores=1, random_seed=3, progressbar=False, model=model, target_accept=0.9,
+        compute_convergence_checks=False,
+    )  # fmt: skip
+    sig_g = np.asarray(get_group(full, "posterior")["sig_g"].values).reshape(-1)
+    labels = list(laplace.compiled.theta_layout.labels)
+    laplace_sig_g = float(np.exp(theta_map[labels.index("sig_g_log__")]))
+    assert laplace_sig_g > 5 * np.quantile(sig_g, 0.99), (laplace_sig_g, np.quantile(sig_g, [0.01, 0.5, 0.99]))
