@@ -15,7 +15,13 @@ import scipy.linalg
 import scipy.optimize
 
 from pymc_laplace._progress import progress_bar
-from pymc_laplace.compile.graphs import compile_seconds, compile_split, resolve_variables, validate_arguments
+from pymc_laplace.compile.graphs import (
+    compile_seconds,
+    compile_split,
+    resolve_variables,
+    start_point,
+    validate_arguments,
+)
 from pymc_laplace.convert import build_result
 from pymc_laplace.errors import (
     ApproximationWarning,
@@ -464,7 +470,8 @@ def marginal_for(
     compile_kwargs: Mapping[str, Any] | None,
 ) -> LaplaceMarginal:
     """The marginal an entry function works with: ``compiled_marginal`` when given (checked to integrate out
-    ``random``), else compiled (or found compiled) for ``model``."""
+    ``random``; ``initvals``, when given, replace its start point), else compiled (or found compiled) for
+    ``model``."""
     if compiled_marginal is None:
         return marginal(model, random=random, inner=inner, initvals=initvals, compile_kwargs=compile_kwargs)
     if list(compiled_marginal.compiled.b_layout.names) != random_values:
@@ -472,7 +479,15 @@ def marginal_for(
             f"`compiled_marginal` integrates out {list(compiled_marginal.compiled.b_layout.names)}, not `random` = "
             f"{random_values}; build it with marginal(model, random=...) for the same random effects."
         )
-    return compiled_marginal
+    if not initvals:
+        return compiled_marginal
+    # the same compiled functions from another start: the outer start and the first inner solve's
+    point = start_point(model, initvals)
+    compiled = compiled_marginal.compiled
+    started = dataclasses.replace(
+        compiled, theta_start=compiled.theta_layout.join(point), b_start=compiled.b_layout.join(point)
+    )
+    return dataclasses.replace(compiled_marginal, compiled=started)
 
 
 def random_attrs(compiled: Any) -> dict[str, list[int]]:

@@ -287,13 +287,17 @@ def test_urchin_marginal_matches_tmb(urchin, theta, aic):
     assert 2 * (-laplace.logp(point)) + 12 == pytest.approx(aic, abs=1e-3)
 
 
-def test_urchin_ml_fit_is_at_least_as_good_as_published(urchin):
-    """From the seed's start; the objective is only piecewise smooth, so non-convergence must be reported."""
-    model, _ = urchin
+@pytest.mark.parametrize("reuse", [False, True])
+def test_urchin_ml_fit_is_at_least_as_good_as_published(urchin, reuse):
+    """From the seed's start; the objective is only piecewise smooth, so non-convergence must be reported. The start
+    is honoured also with a marginal compiled from another start (from the model's own, a local optimum at AIC
+    317)."""
+    model, laplace = urchin
     try:
         result = fit_integrated_laplace(
-            model, random=["log_g", "log_p"], initvals=URCHIN_START, draws=10, chains=1, progressbar=False
-        )
+            model, random=["log_g", "log_p"], initvals=URCHIN_START, draws=10, chains=1, progressbar=False,
+            compiled_marginal=laplace if reuse else None,
+        )  # fmt: skip
     except HessianNotPositiveDefiniteError as err:  # reported like TMB's pdHess = FALSE, with the estimate
         assert 2 * (-err.objective) + 12 <= 196.7140 + 1e-3
         return
