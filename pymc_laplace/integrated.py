@@ -379,13 +379,19 @@ MAX_REDRAWS = 10
 # The inner solves of the draws are batched so that a batch's compressed products and data-sized intermediates hold
 # about this many numbers.
 BATCH_ELEMENTS = 4_000_000
-# Draws that one at a time would take less than this many seconds are not batched (compiling costs more).
-CHEAP_DRAWS_SECONDS = 2.0
+# Linear draws are made this many numbers (draws x random effects) at a time.
+LINEAR_DRAW_ELEMENTS = 4_000_000
+# Draws that one at a time would take less than this many seconds are not batched. The batched graphs are compiled
+# once per model and then loaded from the disk cache; where a batch turns out slower per draw than a draw on its
+# own (large data: the batch's data-sized intermediates), the rest are drawn one at a time.
+CHEAP_DRAWS_SECONDS = 0.25
+# At most this many draws make the first batch, which is timed (for conditional="auto") before the rest are drawn.
+AUTO_TIMED_BATCH = 256
 
 # conditional="auto" draws from the joint Gaussian (linear) when exact draws, estimated from the first few, would
 # take more than AUTO_EXACT_FIT_RATIO times the fit or AUTO_EXACT_MAX_SECONDS, and more than AUTO_EXACT_MIN_SECONDS
-AUTO_EXACT_FIT_RATIO = 10.0
-AUTO_EXACT_MIN_SECONDS = 10.0
+AUTO_EXACT_FIT_RATIO = 1.0
+AUTO_EXACT_MIN_SECONDS = 1.0
 AUTO_EXACT_MAX_SECONDS = 120.0
 # exact draws timed for that choice (they are kept when the draws stay exact)
 AUTO_TIMED_DRAWS = 4
@@ -564,9 +570,9 @@ def fit_integrated_laplace(
         one inner solve per draw. ``"linear"``: from ``N(b^ + (d b^/d theta) (theta - theta^), Q(theta^)^-1)``, the
         joint Gaussian of TMB's ``sdreport`` (no inner solve: for many groups, where the solves cost far more than
         the fit). Either is a Gaussian proposal whose density is recorded, so k-hat and ``importance_resample``
-        judge and correct it alike. ``"auto"`` (default): exact, unless the first 4 exact draws' mean time times
-        the number of draws exceeds 10 times the fit's time or 2 minutes, and 10 seconds (``AUTO_EXACT_*``); then
-        linear. ``attrs["conditional"]`` says which was used.
+        judge and correct it alike. ``"auto"`` (default): exact, unless the exact draws, timed on the first few
+        (and on a first batch where the inner solves are batched), would take longer than the fit or 2 minutes,
+        and more than 1 second (``AUTO_EXACT_*``); then linear. ``attrs["conditional"]`` says which was used.
     n_agq : int
         Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
         (lme4's ``nAGQ``, here for blocks of any size: ``n_agq^d`` nodes per block of ``d``). 1 is Laplace; more
@@ -784,58 +790,71 @@ def fit_integrated_laplace(
     # random walks); independent blocks factorise for less than compiling the gradient the chord steps need
     chord = None if isinstance(laplace.structure, BlockStructure) else solution.factor
     n_draws, n_b = theta_draws.shape[0], solution.b.size
-    first_draw, timed = 0.0, 0
-    if conditional != "linear":
-        # the first exact draws, timed without what they compiled (the chord steps' gradient), so that the choices
-        # below, and with them the draws, are the same whether the functions were compiled or loaded; more than one,
-        # as the first can be far cheaper than the rest (G = 10,000: under 5 ms, then 19 ms each)
-        timed = min(AUTO_TIMED_DRAWS, n_draws)
+    batchable = compiled.joint_newton_batched is not None and isinstance(laplace.structure, BlockStructure)
+    if batchable:
+        n_obs_total = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
+        per_draw = max(1, laplace.structure.n_colors) * (n_b + n_obs_total)
+        batch = int(np.clip(BATCH_ELEMENTS // per_draw, 1, n_draws))
+
+    def draw_batch(rows: np.ndarray) -> float:
+        """The random effects of draws ``rows`` by one batched inner solve (all theta at once, one compiled call per
+        Newton step, started from the linear prediction of each mode); its seconds, without compiling."""
         began, compile_began = time.perf_counter(), compile_seconds()
-        for i in range(timed):
+        starts = solution.b + (theta_draws[rows] - outer.theta) @ jac.T
+        modes, factor, failures = laplace.solve_inner_batch(theta_draws[rows], starts)
+        z = rng.standard_normal(modes.shape)
+        unconstrained[rows[:, None], compiled.theta_in_joint[None, :]] = theta_draws[rows]
+        unconstrained[rows[:, None], compiled.b_in_joint[None, :]] = modes + factor.transposed_inverse_times(z)
+        log_q[rows] = 0.5 * factor.log_det() - 0.5 * n_b * LOG_2PI - 0.5 * np.sum(z * z, axis=1)
+        for k, err in failures:
+            draw_one(int(rows[k]), err)
+        return (time.perf_counter() - began) - (compile_seconds() - compile_began)
+
+    # exact draws are timed, without what they compiled, so that the choices below (and with them the draws) are the
+    # same whether the functions were compiled or loaded: the first few one at a time (more than one, as the first
+    # can be far cheaper than the rest: G = 10,000, under 5 ms, then 19 ms each), then, where the inner solves can
+    # be batched and the draws one at a time are not cheap, a first batch
+    one_draw, batched_draw, drawn_exactly = np.inf, np.inf, 0
+    if conditional != "linear":
+        drawn_exactly = min(AUTO_TIMED_DRAWS, n_draws)
+        began, compile_began = time.perf_counter(), compile_seconds()
+        for i in range(drawn_exactly):
             draw_one(i)
-        first_draw = ((time.perf_counter() - began) - (compile_seconds() - compile_began)) / timed
+        one_draw = ((time.perf_counter() - began) - (compile_seconds() - compile_began)) / drawn_exactly
+        if batchable and one_draw * n_draws > CHEAP_DRAWS_SECONDS and drawn_exactly < n_draws:
+            rows = np.arange(drawn_exactly, min(drawn_exactly + min(batch, AUTO_TIMED_BATCH), n_draws))
+            batched_draw = draw_batch(rows) / rows.size
+            drawn_exactly = int(rows[-1]) + 1
     if conditional == "auto":
         fit_time = (fitted - started) - (compile_fitted - compile_before)
         budget = max(min(AUTO_EXACT_FIT_RATIO * fit_time, AUTO_EXACT_MAX_SECONDS), AUTO_EXACT_MIN_SECONDS)
-        dear = first_draw * n_draws > budget
+        dear = min(one_draw, batched_draw) * n_draws > budget
         conditional = "linear" if dear else "exact"
         failed.clear()  # a failure of the timed exact draws does not concern linear draws (they redrew a valid theta)
     if conditional == "linear":
         # the joint Gaussian: the linear prediction of each mode and the estimate's precision, no inner solve
-        means = solution.b + (theta_draws - outer.theta) @ jac.T
         unconstrained[:, compiled.theta_in_joint] = theta_draws
-        for i in range(n_draws):
-            b_draw, log_q[i] = solution.factor.sample_given(means[i], rng.standard_normal(n_b))
-            unconstrained[i, compiled.b_in_joint] = b_draw
+        rows_per_chunk = max(1, LINEAR_DRAW_ELEMENTS // max(n_b, 1))
+        for begin in range(0, n_draws, rows_per_chunk):
+            rows = slice(begin, min(begin + rows_per_chunk, n_draws))
+            means = solution.b + (theta_draws[rows] - outer.theta) @ jac.T
+            z = rng.standard_normal(means.shape)  # the same numbers as one draw at a time, in order
+            b_draws, log_q[rows] = solution.factor.sample_many(means, z)
+            unconstrained[rows, compiled.b_in_joint] = b_draws
     else:
         with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
-            bar.update(advance=timed)
-            # batched when the draws one at a time would take long enough to pay for compiling the batched graphs
-            batched = first_draw * n_draws > CHEAP_DRAWS_SECONDS
-            batched &= compiled.joint_newton_batched is not None and isinstance(laplace.structure, BlockStructure)
-            if batched:
-                # all theta draws at once, in batches: one compiled call per Newton step for the whole batch, started
-                # from the linear prediction of each mode (b^ + d b^/d theta (theta - theta^))
-                n_obs_total = sum(int(np.size(v.values)) for v in compiled.joint.observed_data)
-                per_draw = max(1, laplace.structure.n_colors) * (n_b + n_obs_total)
-                batch = int(np.clip(BATCH_ELEMENTS // per_draw, 1, n_draws))
-                for begin in range(timed, n_draws, batch):
-                    rows = np.arange(begin, min(begin + batch, n_draws))
-                    starts = solution.b + (theta_draws[rows] - outer.theta) @ jac.T
-                    modes, factor, failures = laplace.solve_inner_batch(theta_draws[rows], starts)
-                    z = rng.standard_normal(modes.shape)
-                    unconstrained[rows[:, None], compiled.theta_in_joint[None, :]] = theta_draws[rows]
-                    unconstrained[rows[:, None], compiled.b_in_joint[None, :]] = (
-                        modes + factor.transposed_inverse_times(z)
-                    )
-                    log_q[rows] = 0.5 * factor.log_det() - 0.5 * n_b * LOG_2PI - 0.5 * np.sum(z * z, axis=1)
-                    for k, err in failures:
-                        draw_one(int(rows[k]), err)
+            bar.update(advance=drawn_exactly)
+            if batched_draw < one_draw:
+                while drawn_exactly < n_draws:
+                    rows = np.arange(drawn_exactly, min(drawn_exactly + batch, n_draws))
+                    spent = draw_batch(rows)
                     bar.update(advance=rows.size)
-            else:
-                for i in range(timed, n_draws):
-                    draw_one(i)
-                    bar.update(advance=1)
+                    drawn_exactly = int(rows[-1]) + 1
+                    if spent > one_draw * rows.size:
+                        break  # slower than one at a time (large data: the batch's data-sized intermediates)
+            for i in range(drawn_exactly, n_draws):
+                draw_one(i)
+                bar.update(advance=1)
     if failed:
         warnings.warn(
             f"{len(failed)} of {theta_draws.shape[0]} theta draws could not be evaluated (the inner solve failed "

@@ -128,7 +128,7 @@ def test_linear_conditional_draws_are_the_joint_gaussian(
 
 
 def test_auto_conditional_keeps_exact_draws_when_they_are_cheap(mixed_marginal):
-    """cbpp's exact draws take well under 10 s: the default draws them exactly, as conditional="exact" does."""
+    """cbpp's exact draws (batched) take well under a second: the default draws them exactly, as "exact" does."""
     from pymc_laplace import fit_integrated_laplace, get_group
 
     model, random, laplace = mixed_marginal("cbpp")

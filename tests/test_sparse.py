@@ -73,6 +73,12 @@ def test_factor_against_dense_linear_algebra(backend):
     z = np.eye(300)
     draws = np.stack([factor.sample_given(np.zeros(300), z[:, k])[0] for k in range(300)], axis=1)
     np.testing.assert_allclose(draws @ draws.T, inverse, atol=1e-10)
+    # many draws at once (the linear draws of a fit): the same draws, and each one's log density N(mean, Q^-1)
+    means = np.random.default_rng(1).normal(size=(300, 300))
+    many, log_density = factor.sample_many(means, z)
+    np.testing.assert_allclose(many - means, draws.T, atol=1e-12)
+    exact = stats.multivariate_normal(np.zeros(300), inverse).logpdf(many - means)
+    np.testing.assert_allclose(log_density, exact, rtol=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

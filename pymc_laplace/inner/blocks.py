@@ -145,11 +145,19 @@ class BlockFactor:
 
     def sample_given(self, mean: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, float]:
         """A draw ``mean + L^-T z`` from ``N(mean, Q^-1)`` for standard normal ``z``, and its log density."""
-        out = np.empty_like(mean, dtype=float)
+        draws, log_density = self.sample_many(np.asarray(mean)[None, :], np.asarray(z)[None, :])
+        return draws[0], float(log_density[0])
+
+    def sample_many(self, means: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Draws ``means[k] + L^-T z[k]`` from ``N(means[k], Q^-1)`` for rows ``z[k]`` of standard normals, shape
+        (m, n), and their log densities (m,): :meth:`sample_given` for many draws at once."""
+        out = np.empty_like(means, dtype=float)
         for idx, chol in zip(self.structure.groups, self.cholesky, strict=True):
-            out[idx] = np.linalg.solve(np.swapaxes(chol, -1, -2), z[idx][..., None])[..., 0]
-        log_density = 0.5 * self.log_det() - 0.5 * mean.size * np.log(2.0 * np.pi) - 0.5 * float(z @ z)
-        return mean + out, log_density
+            eye = np.broadcast_to(np.eye(chol.shape[-1]), chol.shape)
+            inverse_transposed = np.linalg.solve(np.swapaxes(chol, -1, -2), eye)  # L^-T, block by block
+            out[:, idx] = np.einsum("gij,mgj->mgi", inverse_transposed, z[:, idx])
+        log_density = 0.5 * self.log_det() - 0.5 * means.shape[1] * np.log(2.0 * np.pi) - 0.5 * np.sum(z * z, axis=1)
+        return means + out, log_density
 
     def inverse_blocks(self) -> list[np.ndarray]:
         """The blocks of ``Q^-1`` (the selected inverse of a block-diagonal matrix is its blockwise inverse)."""

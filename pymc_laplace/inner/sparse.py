@@ -172,14 +172,22 @@ class SparseFactor:
 
         ``L^-T z = (L L^T)^-1 L z``: one sparse product and one solve, whatever the backend.
         """
+        draws, log_density = self.sample_many(np.asarray(mean)[None, :], np.asarray(z)[None, :])
+        return draws[0], float(log_density[0])
+
+    def sample_many(self, means: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Draws ``means[k] + P^T L^-T z[k]`` for rows ``z[k]`` of standard normals, shape (m, n), and their log
+        densities (m,): :meth:`sample_given` for many draws, with one solve for all of them."""
+        columns = np.ascontiguousarray(np.asarray(z, dtype=float).T)  # (n, m): one right-hand side a draw
         if self.transposed_inverse is not None:
-            draw = self.transposed_inverse(np.asarray(z, dtype=float))
+            draws = self.transposed_inverse(columns)
         else:
-            lz = np.empty_like(z, dtype=float)
-            lz[self.order] = self.lower @ z  # L z, taken back to the original order
-            draw = self.solve(lz)
-        log_density = 0.5 * self.log_det() - 0.5 * mean.size * np.log(2.0 * np.pi) - 0.5 * float(z @ z)
-        return mean + draw, log_density
+            lz = np.empty_like(columns)
+            lz[self.order] = self.lower @ columns  # L z, taken back to the original order
+            draws = self.solve(lz)
+        draws = np.asarray(draws, dtype=float).reshape(columns.shape)
+        log_density = 0.5 * self.log_det() - 0.5 * means.shape[1] * np.log(2.0 * np.pi) - 0.5 * np.sum(z * z, axis=1)
+        return means + draws.T, log_density
 
     @cached_property
     def selected_inverse(self) -> sp.csc_matrix:
@@ -382,7 +390,8 @@ def _factor_cholmod(q: sp.csc_matrix, structure: SparsePattern) -> SparseFactor:
 
     def transposed_inverse(z: np.ndarray) -> np.ndarray:
         # L = L1 D^1/2 with L1 unit lower: L^-T z = L1^-T (D^-1/2 z), then back to the original order
-        permuted = np.asarray(factor.solve_Lt(z / root, use_LDLt_decomposition=True), dtype=float)
+        scaled = z / (root if z.ndim == 1 else root[:, None])
+        permuted = np.asarray(factor.solve_Lt(scaled, use_LDLt_decomposition=True), dtype=float)
         out = np.empty_like(permuted)
         out[order] = permuted
         return out
