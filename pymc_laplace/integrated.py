@@ -385,8 +385,6 @@ LINEAR_DRAW_ELEMENTS = 4_000_000
 # once per model and then loaded from the disk cache; where a batch turns out slower per draw than a draw on its
 # own (large data: the batch's data-sized intermediates), the rest are drawn one at a time.
 CHEAP_DRAWS_SECONDS = 0.25
-# At most this many draws make the first batch, which is timed (for conditional="auto") before the rest are drawn.
-AUTO_TIMED_BATCH = 256
 
 # conditional="auto" draws from the joint Gaussian (linear) when exact draws, estimated from the first few, would
 # take more than AUTO_EXACT_FIT_RATIO times the fit or AUTO_EXACT_MAX_SECONDS, and more than AUTO_EXACT_MIN_SECONDS
@@ -570,9 +568,9 @@ def fit_integrated_laplace(
         one inner solve per draw. ``"linear"``: from ``N(b^ + (d b^/d theta) (theta - theta^), Q(theta^)^-1)``, the
         joint Gaussian of TMB's ``sdreport`` (no inner solve: for many groups, where the solves cost far more than
         the fit). Either is a Gaussian proposal whose density is recorded, so k-hat and ``importance_resample``
-        judge and correct it alike. ``"auto"`` (default): exact, unless the exact draws, timed on the first few
-        (and on a first batch where the inner solves are batched), would take longer than the fit or 2 minutes,
-        and more than 1 second (``AUTO_EXACT_*``); then linear. ``attrs["conditional"]`` says which was used.
+        judge and correct it alike. ``"auto"`` (default): exact, unless the exact draws, timed on the first 4,
+        would take longer than the fit or 2 minutes, and more than 1 second (``AUTO_EXACT_*``); then linear.
+        ``attrs["conditional"]`` says which was used.
     n_agq : int
         Nodes per dimension of adaptive Gauss-Hermite quadrature over each independent block of random effects
         (lme4's ``nAGQ``, here for blocks of any size: ``n_agq^d`` nodes per block of ``d``). 1 is Laplace; more
@@ -810,25 +808,22 @@ def fit_integrated_laplace(
             draw_one(int(rows[k]), err)
         return (time.perf_counter() - began) - (compile_seconds() - compile_began)
 
-    # exact draws are timed, without what they compiled, so that the choices below (and with them the draws) are the
-    # same whether the functions were compiled or loaded: the first few one at a time (more than one, as the first
-    # can be far cheaper than the rest: G = 10,000, under 5 ms, then 19 ms each), then, where the inner solves can
-    # be batched and the draws one at a time are not cheap, a first batch
-    one_draw, batched_draw, drawn_exactly = np.inf, np.inf, 0
+    # the first exact draws, timed without what they compiled (the chord steps' gradient), so that the choices below,
+    # and with them the draws, are the same whether the functions were compiled or loaded; more than one, as the
+    # first can be far cheaper than the rest (G = 10,000: under 5 ms, then 19 ms each). No batch is timed for the
+    # choice: loading the batched graphs would cost a first call more (1-2 s on the example data sets) than batching
+    # saves where the draws then go linear
+    one_draw, drawn_exactly = np.inf, 0
     if conditional != "linear":
         drawn_exactly = min(AUTO_TIMED_DRAWS, n_draws)
         began, compile_began = time.perf_counter(), compile_seconds()
         for i in range(drawn_exactly):
             draw_one(i)
         one_draw = ((time.perf_counter() - began) - (compile_seconds() - compile_began)) / drawn_exactly
-        if batchable and one_draw * n_draws > CHEAP_DRAWS_SECONDS and drawn_exactly < n_draws:
-            rows = np.arange(drawn_exactly, min(drawn_exactly + min(batch, AUTO_TIMED_BATCH), n_draws))
-            batched_draw = draw_batch(rows) / rows.size
-            drawn_exactly = int(rows[-1]) + 1
     if conditional == "auto":
         fit_time = (fitted - started) - (compile_fitted - compile_before)
         budget = max(min(AUTO_EXACT_FIT_RATIO * fit_time, AUTO_EXACT_MAX_SECONDS), AUTO_EXACT_MIN_SECONDS)
-        dear = min(one_draw, batched_draw) * n_draws > budget
+        dear = one_draw * n_draws > budget
         conditional = "linear" if dear else "exact"
         failed.clear()  # a failure of the timed exact draws does not concern linear draws (they redrew a valid theta)
     if conditional == "linear":
@@ -844,7 +839,8 @@ def fit_integrated_laplace(
     else:
         with progress_bar("Random effects given theta", n_draws, enabled=progressbar) as bar:
             bar.update(advance=drawn_exactly)
-            if batched_draw < one_draw:
+            # batched unless the draws one at a time are cheap (see CHEAP_DRAWS_SECONDS)
+            if batchable and one_draw * n_draws > CHEAP_DRAWS_SECONDS:
                 while drawn_exactly < n_draws:
                     rows = np.arange(drawn_exactly, min(drawn_exactly + batch, n_draws))
                     spent = draw_batch(rows)

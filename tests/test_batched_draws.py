@@ -104,6 +104,8 @@ def test_batches_slower_than_single_draws_give_way(mixed_marginal, monkeypatch):
     rest are drawn one at a time: one batched call, and every draw exact and finite."""
     monkeypatch.setattr(pymc_laplace.integrated, "CHEAP_DRAWS_SECONDS", 0.0)
     model, random, laplace = mixed_marginal("cbpp")
+    per_draw = laplace.structure.n_colors * (laplace.compiled.b_start.size + 56)  # 56 observations
+    monkeypatch.setattr(pymc_laplace.integrated, "BATCH_ELEMENTS", 50 * per_draw)  # batches of 50 draws
     batched = laplace.solve_inner_batch
     calls = []
 
@@ -117,7 +119,7 @@ def test_batches_slower_than_single_draws_give_way(mixed_marginal, monkeypatch):
         model, random=random, compiled_marginal=laplace, conditional="exact", progressbar=False, random_seed=2,
         draws=400, chains=1,
     )  # fmt: skip
-    assert calls == [pymc_laplace.integrated.AUTO_TIMED_BATCH]
+    assert calls == [50]
     draws = np.asarray(get_group(result, "posterior")["u"]).reshape(400, -1)
     assert np.all(np.isfinite(draws)) and np.all(np.isfinite(get_group(result, "sample_stats")["log_q"]))
     # one at a time after the batch: the modes given each theta, so the spread is the delta method's (loosely)

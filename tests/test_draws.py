@@ -128,13 +128,20 @@ def test_linear_conditional_draws_are_the_joint_gaussian(
 
 
 def test_auto_conditional_keeps_exact_draws_when_they_are_cheap(mixed_marginal):
-    """cbpp's exact draws (batched) take well under a second: the default draws them exactly, as "exact" does."""
+    """cbpp's 500 exact draws take well under a second: the default draws them exactly, as "exact" does."""
     from pymc_laplace import fit_integrated_laplace, get_group
 
     model, random, laplace = mixed_marginal("cbpp")
     auto, exact = (
         fit_integrated_laplace(
-            model, random=random, compiled_marginal=laplace, random_seed=6, progressbar=False, **conditional
+            model,
+            random=random,
+            compiled_marginal=laplace,
+            random_seed=6,
+            progressbar=False,
+            draws=250,
+            chains=2,
+            **conditional,
         )
         for conditional in ({}, {"conditional": "exact"})
     )
