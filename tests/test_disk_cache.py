@@ -111,6 +111,32 @@ def test_a_new_process_loads_what_an_earlier_one_compiled(cache_dir, compile_cou
     assert get_group(other, "fit")["log_marginal_likelihood"] != get_group(first, "fit")["log_marginal_likelihood"]
 
 
+def correlated_slopes_model() -> pm.Model:
+    """Random intercepts and slopes with an LKJ prior (as sleepstudy): graphs with batched linear algebra."""
+    rng = np.random.default_rng(4)
+    group, x = np.repeat(np.arange(6), 5), np.tile(np.arange(5.0), 6)
+    y = 1.0 + 0.5 * x + rng.normal(size=6)[group] + 0.3 * rng.normal(size=6)[group] * x + rng.normal(size=30)
+    with pm.Model() as model:
+        beta = pm.Normal("beta", 0.0, 10.0, shape=2)
+        chol, _, _ = pm.LKJCholeskyCov("chol", n=2, eta=1.0, sd_dist=pm.HalfNormal.dist(2.0, shape=2))
+        ab = pm.MvNormal("ab", 0.0, chol=chol, shape=(6, 2))
+        sigma = pm.HalfNormal("sigma", 2.0)
+        pm.Normal("y", beta[0] + ab[group, 0] + (beta[1] + ab[group, 1]) * x, sigma, observed=y)
+    return model
+
+
+def test_a_new_process_loads_every_function_of_a_model_with_batched_linear_algebra(cache_dir, compile_count):
+    """Every graph a fit builds is the same whether the functions built before it were compiled or loaded: a fit
+    that loads the first of them does not compile the others again (graphs shared between the functions once made
+    a second process compile most of them again)."""
+    fit_integrated_laplace(correlated_slopes_model(), random=["ab"], progressbar=False, random_seed=1, draws=20)
+    compiled = len(compile_count)
+    assert compiled > 0
+    clear_compile_cache()
+    fit_integrated_laplace(correlated_slopes_model(), random=["ab"], progressbar=False, random_seed=1, draws=20)
+    assert len(compile_count) == compiled
+
+
 def test_an_unreadable_file_is_compiled_again(cache_dir, compile_count):
     group = np.repeat(np.arange(4), 3)
     y = np.repeat([0, 2, 4, 9], 3) + np.tile([0, 1, 0], 4)
