@@ -195,11 +195,11 @@ def worker(n_groups: int, draws_up_to: int) -> None:
     del laplace, solution, jac, model
     gc.collect()
 
-    def user_call(model: Any, conditional: str = "exact") -> dict[str, float]:
+    def user_call(model: Any, conditional: str | None = None) -> dict[str, float]:
+        """The whole call, with the default ``conditional`` (auto) unless one is given."""
+        chosen = {} if conditional is None else {"conditional": conditional}
         begin = time.perf_counter()
-        result = pymc_laplace.fit_integrated_laplace(
-            model, random=["u"], progressbar=False, random_seed=1, conditional=conditional
-        )
+        result = pymc_laplace.fit_integrated_laplace(model, random=["u"], progressbar=False, random_seed=1, **chosen)
         wall = time.perf_counter() - begin
         fit = get_group(result, "fit")
         out = {
@@ -207,6 +207,7 @@ def worker(n_groups: int, draws_up_to: int) -> None:
             **{k: float(fit.attrs.get(k, float("nan"))) for k in ("compile_seconds", "fit_seconds", "draws_seconds")},
         }
         out["log_lik"] = float(fit["log_marginal_likelihood"].values)
+        out["exact_draws"] = float(get_group(result, "posterior").attrs.get("conditional") == "exact")
         return out
 
     fresh_model = build_model(design, y, group, n_groups)
@@ -497,6 +498,11 @@ def report(ours: dict[int, dict], tmb: dict[int, dict], others: dict[int, dict],
         "(compile/fit/draws = the result's attrs compile_seconds, fit_seconds, draws_seconds; d/f = "
         "draws_seconds / fit_seconds; peak MB = peak RSS of the worker after both calls)"
     )
+    for g in sizes:
+        drawn = [ours[g].get(call, {}).get("exact_draws") for call in ("call_fresh", "call_again")]
+        if drawn[0] is not None:
+            kinds = ["exact" if d else "linear" for d in drawn]
+            lines.append(f"{g:>7}: conditional='auto' drew the random effects {kinds[0]} (new), {kinds[1]} (again)")
     for g in sizes:
         c = ours[g].get("call_linear")
         if c is not None:
