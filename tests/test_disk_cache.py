@@ -192,3 +192,72 @@ def test_a_directory_that_cannot_be_written_warns_and_the_fit_goes_on(tmp_path, 
         expected += log_joint(u_hat) + 0.5 * np.log(2 * np.pi) - 0.5 * np.log(curvature)
     assert float(fit_group["log_marginal_likelihood"]) == pytest.approx(expected, abs=1e-6)
     clear_compile_cache()
+
+
+PARTIAL_INDEX_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np, pymc as pm, pytensor, pytensor.tensor as pt
+    from pathlib import Path
+    from pytensor.link.c import cmodule
+    from pymc_laplace import fit_laplace
+    from pymc_laplace.compile.graphs import compile_seconds
+    from pymc_laplace._compat import get_group
+
+    with pm.Model() as model:
+        a = pm.Normal("a", 0.0, 3.0)
+        b = pm.Normal("b", 0.0, 3.0)
+        pm.Binomial("y", n=5, logit_p=a + b * np.array([-0.86, -0.30, -0.05, 0.73]), observed=[0, 1, 3, 4])
+    result = fit_laplace(model=model, progressbar=False, random_seed=1, draws=20, chains=1)
+    mean = get_group(result, "fit")["mean_vector"].values.tolist()
+    cache = cmodule._module_cache
+    if cache is None:  # functions linked without C modules (pytensor 3's default backend)
+        print(json.dumps(None))
+        sys.exit(0)
+    root = Path(cache.dirname)
+    read = sorted(Path(p).parent.name for p in cache.loaded_key_pkl)
+    present_before = sorted(p.name for p in root.iterdir() if (p / "key.pkl").exists())
+
+    # a graph this process has not linked before, whose C module an earlier process compiled
+    x = pt.vector("x")
+    pytensor.function([x], pt.exp(x) * 3.25 + pt.log1p(x * x))(np.ones(2))
+    present_after = sorted(p.name for p in root.iterdir() if (p / "key.pkl").exists())
+    read_after = len(cache.loaded_key_pkl)
+    print(json.dumps({"mean": mean, "read": read, "present_before": present_before, "present_after": present_after,
+                      "read_after": read_after, "compile_seconds": compile_seconds()}))
+    """
+)
+
+
+def test_a_loading_process_reads_only_the_module_index_it_needs(tmp_path):
+    """pytensor reads the index of every C module in its compiledir (2 ms a module) the first time a process links a
+    function; a process that loads stored functions reads the entries of their modules alone, and a later lookup
+    that misses still finds a module an earlier process compiled (it reads the rest of the index first)."""
+    env = {**os.environ, "PYMC_LAPLACE_CACHE_DIR": str(tmp_path / "functions")}
+
+    def run() -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", PARTIAL_INDEX_SCRIPT], capture_output=True, text=True, env=env, timeout=900
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        import json
+
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()  # compiles (the whole index is read by pytensor) and stores what it linked
+    if first is None:
+        pytest.skip("this pytensor links the functions without C modules: there is no module index to read")
+    second = run()  # loads
+    assert second["mean"] == first["mean"]
+    # the modules read are a part of the index, and they are those the stored functions recorded
+    assert 0 < len(second["read"]) <= len(second["present_before"])
+    recorded = set()
+    for path in (tmp_path / "functions").glob(f"*{SUFFIX}"):
+        with open(path, "rb") as handle:
+            import pickle
+
+            recorded.update(pickle.load(handle))
+    assert set(second["read"]) == recorded
+    # the miss read the rest of the index and found the module the first process compiled: nothing new on disk
+    assert second["present_after"] == second["present_before"]
+    assert second["read_after"] >= len(second["present_after"])

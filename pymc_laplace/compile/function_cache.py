@@ -13,10 +13,20 @@ input that is neither listed nor constant) is compiled as usual and not stored.
 
 The directory is ``$PYMC_LAPLACE_CACHE_DIR``, by default ``pymc_laplace/`` inside pytensor's ``compiledir``;
 setting ``PYMC_LAPLACE_CACHE_DIR`` to an empty string turns the disk cache off.
+
+Linking a loaded function finds each of its C modules in pytensor's index of the ``compiledir``, which pytensor
+builds whole the first time a process needs it: every module's ``key.pkl`` is unpickled and hashed, about 2 ms a
+module (2.5 s for 1,300 modules), whatever the function needs. So a stored function also records the directories
+of the C modules it links, and a process whose index is not built yet reads just those (pytensor's own reading, with
+the other directories marked as read for the time of it). Any later lookup that misses reads the rest of the index,
+as pytensor would, before it compiles anything: a module is never compiled twice, only found later. At exit the
+directories never read stay unread, so pytensor's clean-up of modules unused for weeks is left to processes that
+read the whole index (any process that compiles).
 """
 
 from __future__ import annotations
 
+import atexit
 import copyreg
 import functools
 import hashlib
@@ -26,6 +36,7 @@ import pickle
 import platform
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -178,19 +189,101 @@ def load_or_compile(digest: str | None, compile_function: Callable[[], Any]) -> 
     if path.exists():
         try:
             with open(path, "rb") as handle:
+                read_module_index(pickle.load(handle))  # the C modules it links, then the function
                 function = pickle.load(handle)
             os.utime(path)  # recently used
             return function
         except Exception:  # written by an interrupted process or for other libraries: compile again
             path.unlink(missing_ok=True)
-    function = compile_function()
-    _store(directory, path, function)
+    function, module_directories = _compiled_recording_modules(compile_function)
+    _store(directory, path, function, module_directories)
     return function
 
 
-def _store(directory: Path, path: Path, function: Any) -> None:
+def _compiled_recording_modules(compile_function: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """``compile_function()`` and the directories (in pytensor's ``compiledir``) of the C modules it linked."""
     try:
-        payload = dumps(function)
+        from pytensor.link.c.cmodule import ModuleCache
+    except ImportError:  # pragma: no cover - a pytensor without C modules
+        return compile_function(), []
+    directories: set[str] = set()
+    with _RECORDING:  # one recording at a time, each putting back the method it found (nested ones included)
+        found = getattr(ModuleCache, "module_from_key", None)
+        if found is None:  # pragma: no cover - another module cache: nothing recorded, the index is read whole
+            return compile_function(), []
+
+        def recording(cache: Any, key: Any, lnk: Any) -> Any:
+            module = found(cache, key, lnk)
+            directories.add(Path(module.__file__).parent.name)
+            return module
+
+        ModuleCache.module_from_key = recording
+        try:
+            function = compile_function()
+        finally:
+            ModuleCache.module_from_key = found
+    return function, sorted(directories)
+
+
+_RECORDING = threading.RLock()
+
+
+# pytensor's module cache when this module created it with part of its index read
+_PARTIAL_INDEX: dict[str, Any] = {"cache": None}
+
+
+def read_module_index(module_directories: Sequence[str]) -> None:
+    """Have pytensor's index of compiled C modules hold those in ``module_directories`` (names in its ``compiledir``).
+
+    Nothing is done when the process has the whole index already (pytensor built it) or when the list is empty.
+    Otherwise the module cache is created without reading its index and pytensor's own ``refresh`` reads the listed
+    directories alone, the others being marked as read while it runs; they are unmarked after, so that a lookup that
+    misses reads them (pytensor does so before compiling a module).
+    """
+    if not module_directories:
+        return
+    try:
+        from pytensor.link.c import cmodule
+        from pytensor.link.c.basic import get_module_cache
+    except ImportError:  # pragma: no cover - a pytensor without C modules
+        return
+    cache = getattr(cmodule, "_module_cache", None)
+    if cache is None:
+        cache = get_module_cache(init_args={"do_refresh": False})
+        _PARTIAL_INDEX["cache"] = cache
+        atexit.register(_leave_unread_at_exit)  # after pytensor's own exit hook (registered above): runs first
+    elif cache is not _PARTIAL_INDEX["cache"]:
+        return  # built whole by pytensor
+    root = Path(cache.dirname)
+    wanted = {str(root / name / "key.pkl") for name in module_directories}
+    try:
+        present = {str(root / name / "key.pkl") for name in os.listdir(root)}
+    except OSError:
+        return
+    skipped = (present - wanted) - cache.loaded_key_pkl
+    cache.loaded_key_pkl |= skipped
+    try:
+        cache.refresh(cleanup=False)
+    finally:
+        cache.loaded_key_pkl -= skipped
+
+
+def _leave_unread_at_exit() -> None:
+    """Keep pytensor's exit clean-up (a refresh) from reading the index this process never needed."""
+    cache = _PARTIAL_INDEX["cache"]
+    if cache is None:
+        return
+    root = Path(cache.dirname)
+    try:
+        present = {str(root / name / "key.pkl") for name in os.listdir(root)}
+    except OSError:
+        return
+    cache.loaded_key_pkl |= present
+
+
+def _store(directory: Path, path: Path, function: Any, module_directories: Sequence[str] = ()) -> None:
+    try:
+        payload = dumps(list(module_directories)) + dumps(function)
     except Exception:  # a function that does not pickle (some backends' compiled code) is simply not kept
         return
     try:
