@@ -51,6 +51,19 @@ def test_graph_digest_is_structural():
     assert graph_digest([x5], [x5 * shared]) is None  # an input that is neither listed nor constant
 
 
+def test_digest_ignores_what_an_op_caches_when_a_function_using_it_is_compiled():
+    """Compiling a function sets caches on the ops of its graph (inner functions, vectorised performs); another graph
+    sharing those ops must keep its digest, or a process that compiled the first would not find what one that
+    loaded it stored. Ops that pytensor compares by their props are digested by them."""
+    x = pt.tensor3("x")
+    chol = pt.linalg.cholesky(x)
+    op = chol.owner.op
+    before = graph_digest([x], [chol])
+    op.cached_by_compilation = {"perform": object()}
+    assert graph_digest([x], [chol]) == before
+    assert graph_digest([x], [pt.linalg.cholesky(x, lower=False)]) != before  # other props: another op
+
+
 def test_digest_is_the_same_in_another_process():
     """Ops are digested by their pickled state: nothing in it may depend on the process (string hashing, ids)."""
     script = textwrap.dedent(

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pytensor
 from pytensor.graph.basic import Constant, Variable
+from pytensor.graph.op import Op
 from pytensor.graph.traversal import io_toposort
 
 # At most this many compiled functions are kept; the least recently used go first.
@@ -110,6 +111,38 @@ class _Pickler(pickle.Pickler):
         return NotImplemented if kept is None else (copyreg.__newobj__, (cls,), kept)
 
 
+def _op_with_props(cls: type, props: tuple) -> None:  # pragma: no cover - named in digests, never called
+    """What an op with ``__props__`` is digested as: its class and the values of its props."""
+
+
+def _equal_by_props(cls: type) -> bool:
+    """Whether ops of ``cls`` are equal exactly when their ``__props__`` are: pytensor then generated ``__eq__``."""
+    props = getattr(cls, "__props__", None)
+    return isinstance(props, tuple) and getattr(cls.__eq__, "__qualname__", "") == PROPS_EQUALITY
+
+
+# the qualified name of the __eq__ pytensor generates for a class that declares __props__ and no __eq__
+PROPS_EQUALITY = "MetaType.__new__.<locals>.__eq__"
+
+
+class _DigestPickler(_Pickler):
+    """Ops that pytensor compares by their ``__props__`` alone pickled as their class and props: the caches such
+    an op keeps besides (inner functions and gradient builders, set when a function using it is compiled) are not
+    part of what it computes, and must not make a graph's digest depend on what was compiled before it. Other ops
+    are pickled whole."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, Op) and _equal_by_props(type(obj)):
+            return (_op_with_props, (type(obj), tuple(getattr(obj, name) for name in type(obj).__props__)))
+        return super().reducer_override(obj)
+
+
+def _digest_dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _DigestPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
 def dumps(obj: Any) -> bytes:
     """``pickle.dumps`` without the closures pytensor caches on its objects."""
     buffer = io.BytesIO()
@@ -143,7 +176,7 @@ def graph_digest(inputs: Sequence[Variable], outputs: Sequence[Variable], *extra
     """
     digest = hashlib.sha256(_environment())
     try:
-        digest.update(dumps(extra))
+        digest.update(_digest_dumps(extra))
         index: dict[Variable, int] = {}
         for position, var in enumerate(inputs):
             index[var] = position
@@ -162,8 +195,8 @@ def graph_digest(inputs: Sequence[Variable], outputs: Sequence[Variable], *extra
                     digest.update(f"{array.dtype.str} {array.shape}\n".encode())
                     digest.update(array.tobytes())
                 else:
-                    digest.update(dumps(data))
-            digest.update(dumps(node.op))
+                    digest.update(_digest_dumps(data))
+            digest.update(_digest_dumps(node.op))
             digest.update(repr([index[var] for var in node.inputs]).encode())
             for var in node.outputs:
                 index[var] = len(index)
@@ -173,7 +206,7 @@ def graph_digest(inputs: Sequence[Variable], outputs: Sequence[Variable], *extra
                 if not isinstance(var, Constant):
                     return None
                 index[var] = len(index)
-                digest.update(dumps(var.data))
+                digest.update(_digest_dumps(var.data))
             digest.update(f"output {index[var]}\n".encode())
     except Exception:  # an op or a constant that does not pickle: not kept on disk
         return None
