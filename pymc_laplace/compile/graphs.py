@@ -236,11 +236,37 @@ def model_log_density(
     rvs = list(model.basic_RVs) + list(model.potentials) if rvs is None else list(rvs)
     binary = [rv for rv in rvs if rv in model.observed_RVs and _logit_of_binary_likelihood(rv) is not None]
     others = [rv for rv in rvs if rv not in binary]
-    terms = [model.logp(vars=others, jacobian=jacobian)] if others else []
+    if others:
+        factors = _log_density_factors(model, jacobian)
+        sums = [pt.sum(factors[rv]) for rv in others]
+        terms = [pt.add(*sums) if len(sums) > 1 else sums[0]]
+    else:
+        terms = []
     terms += _binary_loglik_terms(model, binary)
     if not terms:
         return pt.constant(0.0, dtype="float64")
     return pt.add(*terms) if len(terms) > 1 else terms[0]
+
+
+_LOG_DENSITY_FACTORS: weakref.WeakKeyDictionary[pm.Model, dict[bool, tuple[tuple, dict]]] = weakref.WeakKeyDictionary()
+
+
+def _log_density_factors(model: pm.Model, jacobian: bool) -> dict[Any, pt.TensorVariable]:
+    """Each variable's and potential's log density terms (``model.logp(sum=False)``), by variable.
+
+    pymc's log density of a variable is conditional on the values of all others whichever are asked for, so the terms
+    of every variable are derived once per model (the derivation is most of the time a fit of a small model spends
+    building graphs) and summed over the subsets each compiled function needs. A model given new variables since is
+    derived again.
+    """
+    variables = tuple(model.basic_RVs) + tuple(model.potentials)
+    kept = _LOG_DENSITY_FACTORS.setdefault(model, {}).get(jacobian)
+    same = kept is not None and len(kept[0]) == len(variables)
+    if same and all(a is b for a, b in zip(kept[0], variables, strict=True)):
+        return kept[1]
+    factors = dict(zip(variables, model.logp(vars=list(variables), jacobian=jacobian, sum=False), strict=True))
+    _LOG_DENSITY_FACTORS[model][jacobian] = (variables, factors)
+    return factors
 
 
 def check_continuous(model: pm.Model) -> None:
