@@ -121,3 +121,49 @@ def test_a_model_built_again_reuses_what_was_compiled(compile_count):
     value_constants, exact_constants = fitted(constants)
     assert len(compile_count) > compiled
     assert value_constants == pytest.approx(exact_constants, abs=1e-8)
+
+
+def test_a_model_built_again_reads_its_own_pattern_when_its_data_couple_otherwise(monkeypatch):
+    """The Hessian pattern read for a graph is reused by a model built again only with equal data container values:
+    index data that couple other random effects give another pattern (reusing the first would make it too sparse,
+    and the marginal wrong). Equal data: the walk is not run again."""
+    import pymc_laplace.compile.structure as structure
+    from pymc_laplace import marginal
+
+    walks = []
+    walk = structure.walk_hessian_pattern
+
+    def counted(*args, **kwargs):
+        walks.append(1)
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(structure, "walk_hessian_pattern", counted)
+    y = np.array([0.3, -1.2, 0.8, 2.0, -0.4, 1.1])
+
+    def model(second_index: np.ndarray) -> pm.Model:
+        with pm.Model() as m:
+            first = pm.Data("first", np.array([0, 1, 2, 3, 4, 5]))
+            second = pm.Data("second", second_index)
+            sd = pm.HalfNormal("sd", 1.0)
+            u = pm.Normal("u", 0.0, sd, shape=6)
+            pm.Normal("y", u[first] + 0.5 * u[second], 1.0, observed=y)
+        return m
+
+    clear_compile_cache()
+    separate = np.array([0, 1, 2, 3, 4, 5])
+    coupled = np.array([1, 0, 3, 2, 5, 4])  # pairs (0, 1), (2, 3), (4, 5)
+    diagonal = marginal(model(separate), random=["u"]).compiled
+    assert len(walks) == 1 and diagonal.pattern.nnz == 6
+    again = marginal(model(separate), random=["u"]).compiled
+    assert len(walks) == 1 and again.pattern.nnz == 6  # equal data: the pattern read before
+    pairs = marginal(model(coupled), random=["u"]).compiled
+    assert len(walks) == 2  # other data: read again
+    expected = np.kron(np.eye(3), np.ones((2, 2))).astype(bool)
+    np.testing.assert_array_equal(pairs.pattern.toarray(), expected)
+    # and the marginal is that of the coupled model: the Gaussian integral in closed form
+    laplace = marginal(model(coupled), random=["u"])
+    sd = 0.7
+    a = np.eye(6) + 0.5 * np.eye(6)[coupled]
+    covariance = sd**2 * a @ a.T + np.eye(6)
+    exact = scipy.stats.multivariate_normal(np.zeros(6), covariance).logpdf(y)
+    assert laplace.value(np.array([np.log(sd)])) == pytest.approx(exact, abs=1e-8)

@@ -584,9 +584,11 @@ def compile_joint(
     posterior_variables = tuple(PosteriorVariable(v.name, _dims(dims.get(v.name))) for v in posterior_rvs)
     logp = model_log_density(model, jacobian=jacobian)
     outputs = model.replace_rvs_by_values(posterior_rvs)
-    # the elementwise log likelihood of each observed variable (pymc's own graph: values, not derivatives, are used)
+    # the elementwise log likelihood of each observed variable (pymc's own graph: values, not derivatives, are used);
+    # an observed variable has no transform, so its terms are the same with or without the Jacobians
     observed_rvs = list(model.observed_RVs)
-    pointwise = list(model.logp(vars=observed_rvs, jacobian=False, sum=False)) if observed_rvs else []
+    factors = _log_density_factors(model, jacobian) if observed_rvs else {}
+    pointwise = [factors[rv] for rv in observed_rvs]
     log_likelihood_variables = tuple(PosteriorVariable(rv.name, _dims(dims.get(rv.name))) for rv in observed_rvs)
     n_out = 1 + len(outputs)
     [logp_flat, *rest], x = join_nonshared_inputs(point, [logp, *outputs, *pointwise], value_vars)
@@ -935,23 +937,36 @@ def compile_split(
 
     theta_start = theta_layout.join(point) if theta_values else np.zeros(0)
     walk_point = {b: b_layout.join(point), theta: theta_start}
-    walked = walk_hessian_pattern(joint_lp, b, walk_point)
-    degree = polynomial_degree(joint_lp, b)
-    pattern = walked.pattern
-    colors = hessian_coloring(pattern)
-    n_colors = int(colors.max()) + 1 if colors.size else 0
-    indicators = np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0))  # (K, n_b)
     walked_joint = joint_lp
     [joint_lp, prior, natural, loglik], shared, data = _data_as_inputs([joint_lp, prior, natural, loglik])
     kwargs = {"on_unused_input": "ignore", **dict(compile_kwargs or {})}
+    # an equal graph compiled before (a model built again) with the same data: its pattern, colouring and degree
+    reuse_key = ("split", tuple(sorted(kwargs.items())) if key is not None else None)
+    equal_graph = _find_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data])
+    read = _read_pattern(equal_graph, shared, walk_point)
+    if read is None:
+        walked = walk_hessian_pattern(walked_joint, b, walk_point)
+        read = _PatternRead(
+            pattern=walked.pattern,
+            colors=hessian_coloring(walked.pattern),
+            degree=polynomial_degree(walked_joint, b),
+            fallback_ops=walked.fallback_ops,
+            data_positions=tuple(shared.index(var) for var in walked.data_inputs),
+        )
+    pattern, colors, degree = read.pattern, read.colors, read.degree
+    n_colors = int(colors.max()) + 1 if colors.size else 0
+    indicators = np.eye(n_colors)[colors].T if colors.size else np.zeros((0, 0))  # (K, n_b)
     # pytensor's rewrites do not terminate on vectorised graphs of a 0-d random effect (a Blockwise of its reshape):
     # then one product graph per colour, stacked
     stacked_colors = n_colors if any(len(shape) == 0 for shape in b_layout.shapes) else None
-    reuse_key = ("split", stacked_colors, tuple(sorted(kwargs.items())) if key is not None else None)
-    functions = _find_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data])
+    functions = None if equal_graph is None else equal_graph.get(stacked_colors)
     if functions is None:
         functions = _split_functions(joint_lp, prior, natural, loglik, b, theta, data, kwargs, stacked_colors)
-        _store_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data], functions)
+        if equal_graph is None:
+            equal_graph = {}
+            _store_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data], equal_graph)
+        equal_graph[stacked_colors] = functions
+    _keep_pattern(equal_graph, read, shared, walk_point)
     bound = {name: _with_data(function, shared) for name, function in functions.items()}
     batchable = stacked_colors is None and _vectorises_cheaply([joint_lp])
 
@@ -962,8 +977,8 @@ def compile_split(
         b_start=b_layout.join(point),
         pattern=pattern,
         colors=colors,
-        pattern_fallbacks=walked.fallback_ops,
-        pattern_data=tuple((var, var.get_value(borrow=True)) for var in walked.data_inputs),
+        pattern_fallbacks=read.fallback_ops,
+        pattern_data=tuple((shared[k], shared[k].get_value(borrow=True)) for k in read.data_positions),
         data_containers=tuple(shared),
         repattern=lambda: walk_hessian_pattern(walked_joint, b, walk_point, warn=False).pattern,
         joint_value=bound["joint_value"],
@@ -1241,12 +1256,14 @@ def _data_as_inputs(outputs: list[Variable]) -> tuple[list[Variable], list[Any],
 
 # Compiled functions of graphs seen in this process, by the graphs themselves: a model built again (same graph,
 # same constants, data containers of the same types) reuses them. Compared with pytensor's equal_computations, so
-# two graphs share functions only when they compute the same thing from the same inputs.
-_REUSABLE: list[tuple[Any, list[Variable], list[Variable], dict[str, _LazyFunction]]] = []
+# two graphs share functions only when they compute the same thing from the same inputs. Each entry holds a dict:
+# the joint's functions by name; a split model's functions by ``stacked_colors``, and under PATTERN_KEY the
+# Hessian patterns read for it, each with the data container values and start point it was read with.
+_REUSABLE: list[tuple[Any, list[Variable], list[Variable], dict[Any, Any]]] = []
 MAX_REUSABLE = 32
 
 
-def _find_reusable(key: Any, outputs: list[Variable], inputs: list[Variable]) -> dict[str, _LazyFunction] | None:
+def _find_reusable(key: Any, outputs: list[Variable], inputs: list[Variable]) -> dict[Any, Any] | None:
     if key is None or key[-1] is None:
         return None
     for entry_key, entry_outputs, entry_inputs, functions in _REUSABLE:
@@ -1259,9 +1276,56 @@ def _find_reusable(key: Any, outputs: list[Variable], inputs: list[Variable]) ->
     return None
 
 
-def _store_reusable(
-    key: Any, outputs: list[Variable], inputs: list[Variable], functions: dict[str, _LazyFunction]
-) -> None:
+@dataclass(frozen=True)
+class _PatternRead:
+    """What the graph walk of a split model found, in terms of its data containers' positions (a model built again
+    has other shared variables for equal data)."""
+
+    pattern: sp.csr_matrix
+    colors: np.ndarray
+    degree: int | None
+    fallback_ops: tuple[str, ...]
+    data_positions: tuple[int, ...]
+
+
+PATTERN_KEY = "pattern"
+
+
+def _read_pattern(equal_graph: dict | None, shared: Sequence[Any], walk_point: Mapping[Any, np.ndarray]) -> Any:
+    """The pattern read for an equal graph with equal data container values and start point, or None.
+
+    The pattern depends on the graph, the values of the data containers it reads (which entries are nonzero, the
+    index arrays) and nothing else; the start point is compared as well, so that a reused pattern is the one the
+    walk would read here, whatever it reads.
+    """
+    if equal_graph is None:
+        return None
+    for read, data_values, start in equal_graph.get(PATTERN_KEY, ()):
+        same_data = all(
+            np.array_equal(np.asarray(var.get_value(borrow=True)), value)
+            for var, value in zip(shared, data_values, strict=True)
+        )
+        same_start = all(np.array_equal(walk_point[var], value) for var, value in zip(walk_point, start, strict=True))
+        if same_data and same_start:
+            return read
+    return None
+
+
+def _keep_pattern(equal_graph: dict, read: Any, shared: Sequence[Any], walk_point: Mapping[Any, np.ndarray]) -> None:
+    """Keep ``read`` for later equal graphs (copies of the data: a container set later must not change the key)."""
+    if _read_pattern(equal_graph, shared, walk_point) is read:
+        return
+    kept = equal_graph.setdefault(PATTERN_KEY, [])
+    data_values = [np.array(var.get_value(borrow=True), copy=True) for var in shared]
+    kept.append((read, data_values, [np.array(value, copy=True) for value in walk_point.values()]))
+    del kept[:-MAX_PATTERNS_PER_GRAPH]
+
+
+# patterns kept per equal graph, for as many sets of data container values
+MAX_PATTERNS_PER_GRAPH = 4
+
+
+def _store_reusable(key: Any, outputs: list[Variable], inputs: list[Variable], functions: dict[Any, Any]) -> None:
     if key is None or key[-1] is None:
         return
     _REUSABLE.append((key, outputs, inputs, functions))
