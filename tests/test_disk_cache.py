@@ -3,7 +3,9 @@ keyed on the graphs themselves, so a different graph is never served a function 
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -253,8 +255,6 @@ def test_a_loading_process_reads_only_the_module_index_it_needs(tmp_path):
             [sys.executable, "-c", PARTIAL_INDEX_SCRIPT], capture_output=True, text=True, env=env, timeout=900
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        import json
-
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     first = run()  # compiles (the whole index is read by pytensor) and stores what it linked
@@ -267,8 +267,6 @@ def test_a_loading_process_reads_only_the_module_index_it_needs(tmp_path):
     recorded = set()
     for path in (tmp_path / "functions").glob(f"*{SUFFIX}"):
         with open(path, "rb") as handle:
-            import pickle
-
             recorded.update(pickle.load(handle))
     assert set(second["read"]) == recorded
     # the miss read the rest of the index and found the module the first process compiled: nothing new on disk

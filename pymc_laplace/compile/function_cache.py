@@ -115,14 +115,14 @@ def _op_with_props(cls: type, props: tuple) -> None:  # pragma: no cover - named
     """What an op with ``__props__`` is digested as: its class and the values of its props."""
 
 
+# the qualified name of the __eq__ pytensor generates for a class that declares __props__ and no __eq__
+PROPS_EQUALITY = "MetaType.__new__.<locals>.__eq__"
+
+
 def _equal_by_props(cls: type) -> bool:
     """Whether ops of ``cls`` are equal exactly when their ``__props__`` are: pytensor then generated ``__eq__``."""
     props = getattr(cls, "__props__", None)
     return isinstance(props, tuple) and getattr(cls.__eq__, "__qualname__", "") == PROPS_EQUALITY
-
-
-# the qualified name of the __eq__ pytensor generates for a class that declares __props__ and no __eq__
-PROPS_EQUALITY = "MetaType.__new__.<locals>.__eq__"
 
 
 class _DigestPickler(_Pickler):

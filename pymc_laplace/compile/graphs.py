@@ -944,7 +944,8 @@ def compile_split(
     reuse_key = ("split", tuple(sorted(kwargs.items())) if key is not None else None)
     equal_graph = _find_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data])
     read = _read_pattern(equal_graph, shared, walk_point)
-    if read is None:
+    walked_here = read is None
+    if walked_here:
         walked = walk_hessian_pattern(walked_joint, b, walk_point)
         read = _PatternRead(
             pattern=walked.pattern,
@@ -966,7 +967,8 @@ def compile_split(
             equal_graph = {}
             _store_reusable(reuse_key, [joint_lp, prior, natural, loglik], [b, theta, *data], equal_graph)
         equal_graph[stacked_colors] = functions
-    _keep_pattern(equal_graph, read, shared, walk_point)
+    if walked_here:
+        _keep_pattern(equal_graph, read, shared, walk_point)
     bound = {name: _with_data(function, shared) for name, function in functions.items()}
     batchable = stacked_colors is None and _vectorises_cheaply([joint_lp])
 
@@ -1291,7 +1293,9 @@ class _PatternRead:
 PATTERN_KEY = "pattern"
 
 
-def _read_pattern(equal_graph: dict | None, shared: Sequence[Any], walk_point: Mapping[Any, np.ndarray]) -> Any:
+def _read_pattern(
+    equal_graph: dict | None, shared: Sequence[Any], walk_point: Mapping[Any, np.ndarray]
+) -> _PatternRead | None:
     """The pattern read for an equal graph with equal data container values and start point, or None.
 
     The pattern depends on the graph, the values of the data containers it reads (which entries are nonzero, the
@@ -1311,10 +1315,11 @@ def _read_pattern(equal_graph: dict | None, shared: Sequence[Any], walk_point: M
     return None
 
 
-def _keep_pattern(equal_graph: dict, read: Any, shared: Sequence[Any], walk_point: Mapping[Any, np.ndarray]) -> None:
-    """Keep ``read`` for later equal graphs (copies of the data: a container set later must not change the key)."""
-    if _read_pattern(equal_graph, shared, walk_point) is read:
-        return
+def _keep_pattern(
+    equal_graph: dict, read: _PatternRead, shared: Sequence[Any], walk_point: Mapping[Any, np.ndarray]
+) -> None:
+    """Keep a pattern just read for later equal graphs (with copies of the data: a container set later must not
+    change what it was read with)."""
     kept = equal_graph.setdefault(PATTERN_KEY, [])
     data_values = [np.array(var.get_value(borrow=True), copy=True) for var in shared]
     kept.append((read, data_values, [np.array(value, copy=True) for value in walk_point.values()]))
