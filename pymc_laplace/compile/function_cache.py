@@ -253,9 +253,33 @@ def _compiled_recording_modules(compile_function: Callable[[], Any]) -> tuple[An
         ModuleCache.module_from_key = recording
         try:
             function = compile_function()
+            _link_inner_functions(function)
         finally:
             ModuleCache.module_from_key = found
     return function, sorted(directories)
+
+
+def _link_inner_functions(function: Any) -> None:
+    """Compile now the inner function of every ``OpFromGraph`` node of ``function`` (nested ones too).
+
+    pytensor compiles them the first time such a node runs (rewrites can make them, as ``pt.diag`` does). Compiled
+    here, their C modules are recorded with the function's own, and the inner functions are stored with it: a
+    process that loads it links them from the part of pytensor's module index it reads.
+    """
+    try:
+        from pytensor.compile.builders import OpFromGraph
+    except ImportError:  # pragma: no cover
+        return
+    fgraph = getattr(getattr(function, "maker", None), "fgraph", None)
+    pending = list(fgraph.apply_nodes) if fgraph is not None else []
+    seen: set[int] = set()
+    while pending:
+        op = pending.pop().op
+        if not isinstance(op, OpFromGraph) or id(op) in seen:
+            continue
+        seen.add(id(op))
+        inner = op.fn
+        pending.extend(inner.maker.fgraph.apply_nodes)
 
 
 _RECORDING = threading.RLock()

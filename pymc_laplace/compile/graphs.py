@@ -22,14 +22,16 @@ import pytensor.tensor as pt
 import scipy.sparse as sp
 from pymc.pytensorf import compile as compile_graph
 from pymc.pytensorf import constant_fold, join_nonshared_inputs
+from pytensor.compile.builders import OpFromGraph
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable, equal_computations
-from pytensor.graph.replace import graph_replace, vectorize_graph
+from pytensor.graph.replace import clone_replace, graph_replace, vectorize_graph
 from pytensor.graph.traversal import applys_between, graph_inputs
 from pytensor.scalar.math import Sigmoid
 from pytensor.tensor.blockwise import Blockwise
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
+from pytensor.tensor.random.type import RandomType
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
 from pymc_laplace.compile import function_cache
@@ -423,11 +425,16 @@ def start_point(model: pm.Model, initvals: Mapping[str, Any] | None) -> dict[str
                 f"The free variables are {sorted(names)}."
             )
     overrides = dict(initvals or {})
-    try:
-        fn = make_initial_point_fn(model=model, overrides=overrides, return_transformed=True)
-    except (TypeError, ValueError) as err:
-        raise _initvals_error(model, overrides, err) from None
-    return {k: np.asarray(v, dtype=float) for k, v in fn(0).items()}
+    # evaluated by Python code: pymc's start values are a small graph, and linking it in C reads pytensor's whole
+    # index of C modules (2 ms a module, seconds on a well-used machine) before the stored functions can be loaded
+    # with the part of the index they need (an LKJ prior's start value holds an inner function pytensor links in C)
+    with pytensor.config.change_flags(cxx=""):
+        try:
+            fn = make_initial_point_fn(model=model, overrides=overrides, return_transformed=True)
+        except (TypeError, ValueError) as err:
+            raise _initvals_error(model, overrides, err) from None
+        values = fn(0)
+    return {k: np.asarray(v, dtype=float) for k, v in values.items()}
 
 
 def _initvals_error(model: pm.Model, overrides: dict[str, Any], err: Exception) -> ModelSpecificationError:
@@ -1176,6 +1183,32 @@ def _named_digest(base: str | None, name: str) -> str | None:
     return None if base is None else hashlib.sha256(f"{base}:{name}".encode()).hexdigest()
 
 
+def inline_inner_graphs(outputs: Any) -> Any:
+    """``outputs`` with every deterministic ``OpFromGraph`` node replaced by its inner graph (nested ones too).
+
+    pytensor compiles the inner function of such a node (``pt.diag`` makes one) the first time the node runs, apart
+    from the function holding it: a stored function would then link a C module in every new process, reading
+    pytensor's whole index of C modules to find it. Inlined, the node's operations are linked with the rest (and
+    rewritten with it). Nodes that draw random numbers are left as they are.
+    """
+    single = isinstance(outputs, Variable)
+    graphs = [outputs] if single else list(outputs)
+    while True:
+        nodes = [
+            node
+            for node in applys_between(graph_inputs(graphs), graphs)
+            if isinstance(node.op, OpFromGraph) and not any(isinstance(v.type, RandomType) for v in node.inputs)
+        ]
+        if not nodes:
+            break
+        replacements = {}
+        for node in nodes:
+            inner = clone_replace(node.op.inner_outputs, dict(zip(node.op.inner_inputs, node.inputs, strict=True)))
+            replacements.update(zip(node.outputs, inner, strict=True))
+        graphs = list(graph_replace(graphs, replacements, strict=False))
+    return graphs[0] if single else graphs
+
+
 class _LazyFunction:
     """A pytensor function compiled on first call (the third-derivative graphs are costly; a value-only use never
     needs them). ``inputs`` and ``outputs`` may be callables that build the graphs then.
@@ -1192,7 +1225,7 @@ class _LazyFunction:
         inputs = self.inputs() if callable(self.inputs) else self.inputs
         graphs = self.outputs() if callable(self.outputs) else self.outputs
         options = {**self.options, "mode": with_fast_kernels(self.options.get("mode"))}
-        return compile_graph(inputs, graphs, **options)
+        return compile_graph(inputs, inline_inner_graphs(graphs), **options)
 
     def __call__(self, *args: Any, **named: Any) -> Any:
         if self.function is None:

@@ -133,10 +133,12 @@ def walk_hessian_pattern(
     n = int(np.size(values[wrt]))
     nodes = io_toposort(inputs, [cost])
     variables = [out for node in nodes for out in node.outputs]
-    evaluate = pytensor.function(
-        [v for v in inputs if not hasattr(v, "get_value")], variables, mode="FAST_COMPILE", on_unused_input="ignore"
-    )
-    computed = evaluate(*[values[v] for v in inputs if not hasattr(v, "get_value")])
+    # evaluated once, by Python code: linking C code would read pytensor's whole index of C modules first
+    with pytensor.config.change_flags(cxx=""):
+        evaluate = pytensor.function(
+            [v for v in inputs if not hasattr(v, "get_value")], variables, mode="FAST_COMPILE", on_unused_input="ignore"
+        )
+        computed = evaluate(*[values[v] for v in inputs if not hasattr(v, "get_value")])
     value_of: dict[Variable, np.ndarray] = {v: np.asarray(x) for v, x in zip(variables, computed, strict=True)}
     data_inputs = tuple(v for v in inputs if hasattr(v, "get_value"))
     for v in inputs:
