@@ -20,7 +20,8 @@ import scipy.stats
 
 from pymc_laplace import clear_compile_cache, fit_integrated_laplace
 from pymc_laplace._compat import get_group
-from pymc_laplace.compile.function_cache import SUFFIX, graph_digest
+from pymc_laplace.compile import function_cache
+from pymc_laplace.compile.function_cache import SUFFIX, graph_digest, load_or_compile
 
 
 @pytest.fixture
@@ -150,6 +151,42 @@ def test_a_new_process_loads_every_function_of_a_model_with_batched_linear_algeb
     clear_compile_cache()
     fit_integrated_laplace(correlated_slopes_model(), random=["ab"], progressbar=False, random_seed=1, draws=20)
     assert len(compile_count) == compiled
+
+
+def stored_function(constant: np.ndarray):
+    """A function of a graph holding ``constant``, through the disk cache; with its digest."""
+    x = pt.vector("x")
+    out = pt.sum(pt.exp(x) * constant)
+    digest = graph_digest([x], [out], "test")
+    return load_or_compile(digest, lambda: pytensor.function([x], out)), digest
+
+
+def test_a_function_with_large_constants_is_not_stored(cache_dir, monkeypatch):
+    """Data given as numpy arrays are constants of the graphs: a function holding more than the limit is not written
+    (its file would hold them all), and the function is still the right one."""
+    monkeypatch.setattr(function_cache, "MAX_STORED_CONSTANT_BYTES", 8 * 100)
+    small, small_digest = stored_function(np.arange(100.0))  # 800 bytes: at the limit, kept
+    large, large_digest = stored_function(np.arange(101.0))
+    assert (cache_dir / f"{small_digest}{SUFFIX}").exists()
+    assert not (cache_dir / f"{large_digest}{SUFFIX}").exists()
+    assert large(np.zeros(101)) == pytest.approx(np.sum(np.arange(101.0)))
+    assert small(np.zeros(100)) == pytest.approx(np.sum(np.arange(100.0)))
+
+
+def test_the_stored_functions_are_kept_within_a_total_size(cache_dir, monkeypatch):
+    """Beyond ``MAX_TOTAL_BYTES`` the least recently used files go; the one just written always stays."""
+    digests = []
+    for k in range(4):
+        digests.append(stored_function(np.full(3, float(k)))[1])
+        os.utime(cache_dir / f"{digests[-1]}{SUFFIX}", (1e9 + k, 1e9 + k))  # distinct ages, oldest first
+    sizes = [(cache_dir / f"{d}{SUFFIX}").stat().st_size for d in digests]
+    monkeypatch.setattr(function_cache, "MAX_TOTAL_BYTES", sizes[2] + sizes[3] + 1)
+    digests.append(stored_function(np.full(3, 4.0))[1])
+    kept = {path.name for path in cache_dir.glob(f"*{SUFFIX}")}
+    assert kept == {f"{d}{SUFFIX}" for d in digests[-2:]}  # the newest, and the next newest that fits with it
+    monkeypatch.setattr(function_cache, "MAX_TOTAL_BYTES", 1)
+    digests.append(stored_function(np.full(3, 5.0))[1])
+    assert {path.name for path in cache_dir.glob(f"*{SUFFIX}")} == {f"{digests[-1]}{SUFFIX}"}
 
 
 def test_an_unreadable_file_is_compiled_again(cache_dir, compile_count):

@@ -12,7 +12,9 @@ with the same digest compute the same thing; a graph that cannot be digested (an
 input that is neither listed nor constant) is compiled as usual and not stored.
 
 The directory is ``$PYMC_LAPLACE_CACHE_DIR``, by default ``pymc_laplace/`` inside pytensor's ``compiledir``;
-setting ``PYMC_LAPLACE_CACHE_DIR`` to an empty string turns the disk cache off.
+setting ``PYMC_LAPLACE_CACHE_DIR`` to an empty string turns the disk cache off. It keeps at most ``MAX_FILES``
+functions and ``MAX_TOTAL_BYTES`` of them, the least recently used going first; a function whose constants take more
+than ``MAX_STORED_CONSTANT_BYTES`` (large data given as numpy arrays rather than ``pm.Data``) is not kept.
 
 Linking a loaded function finds each of its C modules in pytensor's index of the ``compiledir``, which pytensor
 builds whole the first time a process needs it: every module's ``key.pkl`` is unpickled and hashed, about 2 ms a
@@ -48,8 +50,12 @@ from pytensor.graph.basic import Constant, Variable
 from pytensor.graph.op import Op
 from pytensor.graph.traversal import io_toposort
 
-# At most this many compiled functions are kept; the least recently used go first.
+# At most this many compiled functions, and this many bytes of them, are kept; the least recently used go first.
 MAX_FILES = 512
+MAX_TOTAL_BYTES = 2 * 2**30
+# A function whose constants take more than this is not kept: its file would hold them all (data given to a model
+# as numpy arrays rather than pm.Data are constants), and a model with 10 million rows wrote 10 GB of files.
+MAX_STORED_CONSTANT_BYTES = 64 * 2**20
 SUFFIX = ".pytensor-function.pkl"
 
 
@@ -143,13 +149,6 @@ def _digest_dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def dumps(obj: Any) -> bytes:
-    """``pickle.dumps`` without the closures pytensor caches on its objects."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buffer.getvalue()
-
-
 @functools.cache
 def _environment() -> bytes:
     """Everything besides the graphs that decides what compiling them gives."""
@@ -193,7 +192,7 @@ def graph_digest(inputs: Sequence[Variable], outputs: Sequence[Variable], *extra
                 if isinstance(data, np.ndarray | np.generic):
                     array = np.ascontiguousarray(data)
                     digest.update(f"{array.dtype.str} {array.shape}\n".encode())
-                    digest.update(array.tobytes())
+                    digest.update(memoryview(array).cast("B") if array.size else b"")
                 else:
                     digest.update(_digest_dumps(data))
             digest.update(_digest_dumps(node.op))
@@ -339,21 +338,53 @@ def _leave_unread_at_exit() -> None:
 
 
 def _store(directory: Path, path: Path, function: Any, module_directories: Sequence[str] = ()) -> None:
-    try:
-        payload = dumps(list(module_directories)) + dumps(function)
-    except Exception:  # a function that does not pickle (some backends' compiled code) is simply not kept
+    if _constant_bytes(function) > MAX_STORED_CONSTANT_BYTES:
         return
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        # written under another name and renamed: a concurrent reader sees the whole file or none
+        # written under another name and renamed: a concurrent reader sees the whole file or none; pickled straight
+        # into the file, so that storing never holds a second copy of the function in memory
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".partial", delete=False) as handle:
-            handle.write(payload)
+            try:
+                pickle.dump(list(module_directories), handle, protocol=pickle.HIGHEST_PROTOCOL)
+                _Pickler(handle, protocol=pickle.HIGHEST_PROTOCOL).dump(function)
+            except Exception:  # a function that does not pickle (some backends' compiled code) is simply not kept
+                handle.close()
+                os.unlink(handle.name)
+                return
         os.replace(handle.name, path)
-        kept = sorted(directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
-        for old in kept[:-MAX_FILES]:
-            old.unlink(missing_ok=True)
+        _evict(directory)
     except OSError as err:  # a read-only or full disk costs the next process time, not this one its fit
         warnings.warn(f"compiled function not kept on disk ({err}); set PYMC_LAPLACE_CACHE_DIR", stacklevel=3)
+
+
+def _constant_bytes(function: Any) -> int:
+    """Bytes of the array constants of a compiled function's graph."""
+    fgraph = getattr(getattr(function, "maker", None), "fgraph", None)
+    if fgraph is None:
+        return 0
+    return sum(
+        int(var.data.nbytes)
+        for var in fgraph.variables
+        if isinstance(var, Constant) and isinstance(var.data, np.ndarray)
+    )
+
+
+def _evict(directory: Path) -> None:
+    """Remove the least recently used files beyond ``MAX_FILES`` or ``MAX_TOTAL_BYTES`` (the newest always stays)."""
+    files = []
+    for path in directory.glob(f"*{SUFFIX}"):
+        try:
+            status = path.stat()
+        except OSError:
+            continue
+        files.append((status.st_mtime, status.st_size, path))
+    files.sort(key=lambda entry: entry[0], reverse=True)
+    total = 0
+    for rank, (_, size, path) in enumerate(files):
+        total += size
+        if rank > 0 and (rank >= MAX_FILES or total > MAX_TOTAL_BYTES):
+            path.unlink(missing_ok=True)
 
 
 def clear_disk_cache() -> int:
