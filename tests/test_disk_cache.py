@@ -324,3 +324,29 @@ def test_a_loading_process_reads_only_the_module_index_it_needs(tmp_path, model)
     # the miss read the rest of the index and found the module the first process compiled: nothing new on disk
     assert second["present_after"] == second["present_before"]
     assert second["read_after"] >= len(second["present_after"])
+
+
+def test_start_values_are_pymcs_and_link_no_c_module(monkeypatch):
+    """pymc's start values, random ones included, evaluated without linking C code: linking any would make pytensor
+    read its whole module index before a process can load stored functions with the part of it they need."""
+    import pytensor.link.c.basic
+
+    from pymc_laplace.compile.graphs import start_point
+
+    with pm.Model() as model:
+        pm.Normal("x", 0.0, 1.0, shape=3, initval="prior")
+        pm.HalfNormal("s", 1.0, initval="prior")
+        pm.LKJCholeskyCov("c", n=3, eta=2.0, sd_dist=pm.Exponential.dist(1.0, shape=3), initval="prior")
+        pm.LKJCholeskyCov("d", n=2, eta=1.0, sd_dist=pm.HalfNormal.dist(2.0, shape=2))
+    expected = model.initial_point(0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pytensor's module cache was asked for")
+
+    # pytensor 3 links its functions with numba (its scans still link C code): the module index does not matter there
+    if "Numba" not in type(pytensor.compile.mode.get_default_mode().linker).__name__:
+        monkeypatch.setattr(pytensor.link.c.basic, "get_module_cache", refuse)
+    values = start_point(model, None)
+    assert values.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(values[name], value, rtol=1e-12, atol=0)

@@ -153,10 +153,13 @@ def _digest_dumps(obj: Any) -> bytes:
 def _environment() -> bytes:
     """Everything besides the graphs that decides what compiling them gives."""
     import pymc_laplace.compile.graphs as graph_building
+    import pymc_laplace.compile.linking as linking
+    import pymc_laplace.compile.ops as rewrites
 
     config = pytensor.config
     parts = [
-        hashlib.sha256(Path(graph_building.__file__).read_bytes()).hexdigest(),  # how derived graphs are built
+        # how derived graphs are built, rewritten and linked
+        *(hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (graph_building, linking, rewrites)),
         hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         pytensor.__version__,
         np.__version__,

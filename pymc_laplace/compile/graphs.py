@@ -22,19 +22,18 @@ import pytensor.tensor as pt
 import scipy.sparse as sp
 from pymc.pytensorf import compile as compile_graph
 from pymc.pytensorf import constant_fold, join_nonshared_inputs
-from pytensor.compile.builders import OpFromGraph
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable, equal_computations
-from pytensor.graph.replace import clone_replace, graph_replace, vectorize_graph
+from pytensor.graph.replace import graph_replace, vectorize_graph
 from pytensor.graph.traversal import applys_between, graph_inputs
 from pytensor.scalar.math import Sigmoid
 from pytensor.tensor.blockwise import Blockwise
 from pytensor.tensor.elemwise import DimShuffle, Elemwise
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
-from pytensor.tensor.random.type import RandomType
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
 from pymc_laplace.compile import function_cache
+from pymc_laplace.compile.linking import inline_inner_graphs, python_inner_functions, python_mode
 from pymc_laplace.compile.ops import with_fast_kernels
 from pymc_laplace.errors import ModelSpecificationError, StartPointError
 
@@ -414,8 +413,15 @@ def _transform_keeps_shape(transform: Any) -> bool:
 
 
 def start_point(model: pm.Model, initvals: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
-    """The unconstrained start point, with ``initvals`` (constrained values, as in ``pm.sample``) applied."""
-    from pymc.initial_point import make_initial_point_fn
+    """The unconstrained start point, with ``initvals`` (constrained values, as in ``pm.sample``) applied.
+
+    pymc's start values (``model.initial_point()``), evaluated by Python code: a small graph, and linking it in C
+    would make pytensor read its whole index of C modules before any stored function is loaded (see
+    :mod:`pymc_laplace.compile.linking`).
+    """
+    from pymc.initial_point import convert_str_to_rv_dict, make_initial_point_expression
+    from pymc.pytensorf import compile as compile_once
+    from pymc.pytensorf import find_rng_nodes, replace_rng_nodes, reseed_rngs
 
     names = {rv.name for rv in model.free_RVs}
     for name in initvals or {}:
@@ -425,16 +431,23 @@ def start_point(model: pm.Model, initvals: Mapping[str, Any] | None) -> dict[str
                 f"The free variables are {sorted(names)}."
             )
     overrides = dict(initvals or {})
-    # evaluated by Python code: pymc's start values are a small graph, and linking it in C reads pytensor's whole
-    # index of C modules (2 ms a module, seconds on a well-used machine) before the stored functions can be loaded
-    # with the part of the index they need (an LKJ prior's start value holds an inner function pytensor links in C)
-    with pytensor.config.change_flags(cxx=""):
-        try:
-            fn = make_initial_point_fn(model=model, overrides=overrides, return_transformed=True)
-        except (TypeError, ValueError) as err:
-            raise _initvals_error(model, overrides, err) from None
-        values = fn(0)
-    return {k: np.asarray(v, dtype=float) for k, v in values.items()}
+    try:
+        expressions = make_initial_point_expression(
+            free_rvs=model.free_RVs,
+            rvs_to_transforms=model.rvs_to_transforms,
+            initval_strategies={**model.rvs_to_initial_values, **convert_str_to_rv_dict(model, overrides)},
+            return_transformed=True,
+        )
+        expressions = inline_inner_graphs(replace_rng_nodes(expressions))
+        function = python_inner_functions(compile_once([], expressions, mode=python_mode()))
+    except (TypeError, ValueError) as err:
+        raise _initvals_error(model, overrides, err) from None
+    reseed_rngs(find_rng_nodes(function.maker.fgraph.outputs), 0)
+    values = function()
+    return {
+        model.rvs_to_values[rv].name: np.asarray(value, dtype=float)
+        for rv, value in zip(model.free_RVs, values, strict=True)
+    }
 
 
 def _initvals_error(model: pm.Model, overrides: dict[str, Any], err: Exception) -> ModelSpecificationError:
@@ -1181,32 +1194,6 @@ def _built(outputs: Any) -> Any:
 def _named_digest(base: str | None, name: str) -> str | None:
     """The digest of one function derived from graphs of digest ``base``."""
     return None if base is None else hashlib.sha256(f"{base}:{name}".encode()).hexdigest()
-
-
-def inline_inner_graphs(outputs: Any) -> Any:
-    """``outputs`` with every deterministic ``OpFromGraph`` node replaced by its inner graph (nested ones too).
-
-    pytensor compiles the inner function of such a node (``pt.diag`` makes one) the first time the node runs, apart
-    from the function holding it: a stored function would then link a C module in every new process, reading
-    pytensor's whole index of C modules to find it. Inlined, the node's operations are linked with the rest (and
-    rewritten with it). Nodes that draw random numbers are left as they are.
-    """
-    single = isinstance(outputs, Variable)
-    graphs = [outputs] if single else list(outputs)
-    while True:
-        nodes = [
-            node
-            for node in applys_between(graph_inputs(graphs), graphs)
-            if isinstance(node.op, OpFromGraph) and not any(isinstance(v.type, RandomType) for v in node.inputs)
-        ]
-        if not nodes:
-            break
-        replacements = {}
-        for node in nodes:
-            inner = clone_replace(node.op.inner_outputs, dict(zip(node.op.inner_inputs, node.inputs, strict=True)))
-            replacements.update(zip(node.outputs, inner, strict=True))
-        graphs = list(graph_replace(graphs, replacements, strict=False))
-    return graphs[0] if single else graphs
 
 
 class _LazyFunction:

@@ -1,0 +1,80 @@
+"""What a compiled function links: inner functions inlined, and graphs evaluated once linked without C code.
+
+pytensor finds the C module of each node in an index of its compile directory, which it builds whole the first time
+a process links C code: every module's key is read, about 2 ms a module (seconds on a well-used machine). A process
+that loads stored functions reads only the keys they recorded (:mod:`pymc_laplace.compile.function_cache`), which
+works only if nothing else links C code first. Two things did:
+
+- the inner function of an ``OpFromGraph`` node (``pt.diag`` makes one), which pytensor compiles apart, with its
+  default mode, the first time the node runs;
+- graphs evaluated once (pymc's start values, the walk that reads the Hessian pattern), for which pytensor's
+  FAST_COMPILE mode still links C code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytensor
+from pytensor.compile.builders import OpFromGraph
+from pytensor.compile.mode import Mode
+from pytensor.graph.basic import Variable
+from pytensor.graph.replace import clone_replace, graph_replace
+from pytensor.graph.traversal import applys_between, graph_inputs
+from pytensor.link.vm import VMLinker
+from pytensor.tensor.random.type import RandomType
+
+
+def inline_inner_graphs(outputs: Any) -> Any:
+    """``outputs`` (a variable or a sequence) with every ``OpFromGraph`` node replaced by its inner graph, nested
+    ones too; nodes that draw random numbers (pymc's random variables) are left as they are: pymc reads the updates
+    of their generators from them."""
+    single = isinstance(outputs, Variable)
+    graphs = [outputs] if single else list(outputs)
+    while True:
+        nodes = [
+            node
+            for node in applys_between(graph_inputs(graphs), graphs)
+            if isinstance(node.op, OpFromGraph) and not any(isinstance(v.type, RandomType) for v in node.inputs)
+        ]
+        if not nodes:
+            break
+        replacements = {}
+        for node in nodes:
+            inner = clone_replace(node.op.inner_outputs, dict(zip(node.op.inner_inputs, node.inputs, strict=True)))
+            replacements.update(zip(node.outputs, inner, strict=True))
+        graphs = list(graph_replace(graphs, replacements, strict=False))
+    return graphs[0] if single else graphs
+
+
+def python_mode() -> Mode:
+    """pytensor's FAST_COMPILE rewrites, every node run by its Python implementation: for a graph evaluated once.
+
+    Unlike a temporary ``cxx=""``, this changes nothing global (pytensor decides once per process, on first import,
+    whether its C virtual machine and BLAS are available). Inline the graph's inner functions first
+    (:func:`inline_inner_graphs`): an ``OpFromGraph`` node compiles its own with pytensor's default mode.
+    """
+    return Mode(linker=VMLinker(use_cloop=False, c_thunks=False), optimizer="fast_compile")
+
+
+def python_inner_functions(function: Any) -> Any:
+    """``function`` (compiled with :func:`python_mode`) with the inner function of each ``OpFromGraph`` node it
+    holds, nested ones too, compiled with :func:`python_mode` as well, before any runs.
+
+    Rewrites can make such nodes (an ``Einsum``), and pymc's random variables are such nodes; pytensor would compile
+    their inner functions with its default mode the first time they run. An op that already has its inner function
+    keeps it.
+    """
+    pending = list(function.maker.fgraph.apply_nodes)
+    seen: set[int] = set()
+    while pending:
+        op = pending.pop().op
+        if not isinstance(op, OpFromGraph) or id(op) in seen:
+            continue
+        seen.add(id(op))
+        if getattr(op, "_fn", None) is None:
+            options = {key: value for key, value in getattr(op, "kwargs", {}).items() if key != "mode"}
+            op._fn = pytensor.function(op.inner_inputs, op.inner_outputs, mode=python_mode(), **options)
+            op._fn.trust_input = True  # as pytensor sets it
+        pending.extend(op._fn.maker.fgraph.apply_nodes)
+    return function
