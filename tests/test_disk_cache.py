@@ -176,16 +176,25 @@ def test_a_function_with_large_constants_is_not_stored(cache_dir, monkeypatch):
 def test_the_stored_functions_are_kept_within_a_total_size(cache_dir, monkeypatch):
     """Beyond ``MAX_TOTAL_BYTES`` the least recently used files go; the one just written always stays."""
     digests = []
-    for k in range(4):
+    for k in range(5):
         digests.append(stored_function(np.full(3, float(k)))[1])
         os.utime(cache_dir / f"{digests[-1]}{SUFFIX}", (1e9 + k, 1e9 + k))  # distinct ages, oldest first
     sizes = [(cache_dir / f"{d}{SUFFIX}").stat().st_size for d in digests]
-    monkeypatch.setattr(function_cache, "MAX_TOTAL_BYTES", sizes[2] + sizes[3] + 1)
-    digests.append(stored_function(np.full(3, 4.0))[1])
+    monkeypatch.setattr(function_cache, "MAX_TOTAL_BYTES", sizes[-1] + sizes[-2])  # room for the two newest
+    digests.append(stored_function(np.full(3, 5.0))[1])  # stored (the newest), then the directory is trimmed
     kept = {path.name for path in cache_dir.glob(f"*{SUFFIX}")}
-    assert kept == {f"{d}{SUFFIX}" for d in digests[-2:]}  # the newest, and the next newest that fits with it
+    newest = (cache_dir / f"{digests[-1]}{SUFFIX}").stat().st_size
+    # the newest stays; then, newest first, the files while the running total fits
+    expected, total = {digests[-1]}, newest
+    for digest, size in zip(reversed(digests[:-1]), reversed(sizes), strict=True):
+        total += size
+        if total > sizes[-1] + sizes[-2]:
+            break
+        expected.add(digest)
+    assert kept == {f"{d}{SUFFIX}" for d in expected}
+    assert len(kept) < len(digests)  # something was removed
     monkeypatch.setattr(function_cache, "MAX_TOTAL_BYTES", 1)
-    digests.append(stored_function(np.full(3, 5.0))[1])
+    digests.append(stored_function(np.full(3, 6.0))[1])
     assert {path.name for path in cache_dir.glob(f"*{SUFFIX}")} == {f"{digests[-1]}{SUFFIX}"}
 
 

@@ -33,7 +33,7 @@ from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
 from pymc_laplace.compile import function_cache
-from pymc_laplace.compile.linking import inline_inner_graphs, python_inner_functions, python_mode
+from pymc_laplace.compile.linking import python_inner_functions, python_mode
 from pymc_laplace.compile.ops import with_fast_kernels
 from pymc_laplace.errors import ModelSpecificationError, StartPointError
 
@@ -438,8 +438,7 @@ def start_point(model: pm.Model, initvals: Mapping[str, Any] | None) -> dict[str
             initval_strategies={**model.rvs_to_initial_values, **convert_str_to_rv_dict(model, overrides)},
             return_transformed=True,
         )
-        expressions = inline_inner_graphs(replace_rng_nodes(expressions))
-        function = python_inner_functions(compile_once([], expressions, mode=python_mode()))
+        function = python_inner_functions(compile_once([], replace_rng_nodes(expressions), mode=python_mode()))
     except (TypeError, ValueError) as err:
         raise _initvals_error(model, overrides, err) from None
     reseed_rngs(find_rng_nodes(function.maker.fgraph.outputs), 0)
@@ -1212,7 +1211,7 @@ class _LazyFunction:
         inputs = self.inputs() if callable(self.inputs) else self.inputs
         graphs = self.outputs() if callable(self.outputs) else self.outputs
         options = {**self.options, "mode": with_fast_kernels(self.options.get("mode"))}
-        return compile_graph(inputs, inline_inner_graphs(graphs), **options)
+        return compile_graph(inputs, graphs, **options)
 
     def __call__(self, *args: Any, **named: Any) -> Any:
         if self.function is None:

@@ -1,14 +1,13 @@
-"""What a compiled function links: inner functions inlined, and graphs evaluated once linked without C code.
+"""Graphs evaluated once, linked without C code, inner functions included.
 
 pytensor finds the C module of each node in an index of its compile directory, which it builds whole the first time
 a process links C code: every module's key is read, about 2 ms a module (seconds on a well-used machine). A process
 that loads stored functions reads only the keys they recorded (:mod:`pymc_laplace.compile.function_cache`), which
-works only if nothing else links C code first. Two things did:
-
-- the inner function of an ``OpFromGraph`` node (``pt.diag`` makes one), which pytensor compiles apart, with its
-  default mode, the first time the node runs;
-- graphs evaluated once (pymc's start values, the walk that reads the Hessian pattern), for which pytensor's
-  FAST_COMPILE mode still links C code.
+works only if nothing else links C code first. Graphs this package evaluates once (pymc's start values, the walk
+that reads the Hessian pattern) did: pytensor's FAST_COMPILE mode still links C code, and the inner function of an
+``OpFromGraph`` node (``pt.diag`` makes one; pymc's random variables are such nodes) is compiled with pytensor's
+default mode the first time the node runs. The stored functions' own inner functions are compiled when they are
+stored (``function_cache``).
 """
 
 from __future__ import annotations
@@ -18,41 +17,14 @@ from typing import Any
 import pytensor
 from pytensor.compile.builders import OpFromGraph
 from pytensor.compile.mode import Mode
-from pytensor.graph.basic import Variable
-from pytensor.graph.replace import clone_replace, graph_replace
-from pytensor.graph.traversal import applys_between, graph_inputs
 from pytensor.link.vm import VMLinker
-from pytensor.tensor.random.type import RandomType
-
-
-def inline_inner_graphs(outputs: Any) -> Any:
-    """``outputs`` (a variable or a sequence) with every ``OpFromGraph`` node replaced by its inner graph, nested
-    ones too; nodes that draw random numbers (pymc's random variables) are left as they are: pymc reads the updates
-    of their generators from them."""
-    single = isinstance(outputs, Variable)
-    graphs = [outputs] if single else list(outputs)
-    while True:
-        nodes = [
-            node
-            for node in applys_between(graph_inputs(graphs), graphs)
-            if isinstance(node.op, OpFromGraph) and not any(isinstance(v.type, RandomType) for v in node.inputs)
-        ]
-        if not nodes:
-            break
-        replacements = {}
-        for node in nodes:
-            inner = clone_replace(node.op.inner_outputs, dict(zip(node.op.inner_inputs, node.inputs, strict=True)))
-            replacements.update(zip(node.outputs, inner, strict=True))
-        graphs = list(graph_replace(graphs, replacements, strict=False))
-    return graphs[0] if single else graphs
 
 
 def python_mode() -> Mode:
     """pytensor's FAST_COMPILE rewrites, every node run by its Python implementation: for a graph evaluated once.
 
     Unlike a temporary ``cxx=""``, this changes nothing global (pytensor decides once per process, on first import,
-    whether its C virtual machine and BLAS are available). Inline the graph's inner functions first
-    (:func:`inline_inner_graphs`): an ``OpFromGraph`` node compiles its own with pytensor's default mode.
+    whether its C virtual machine is available). Pass the compiled function to :func:`python_inner_functions`.
     """
     return Mode(linker=VMLinker(use_cloop=False, c_thunks=False), optimizer="fast_compile")
 

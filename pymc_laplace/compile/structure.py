@@ -54,7 +54,7 @@ try:  # pytensor 3 folds AdvancedSubtensor1 and AdvancedIncSubtensor1 into the g
 except ImportError:  # pragma: no cover
     AdvancedSubtensor1, AdvancedIncSubtensor1 = AdvancedSubtensor, AdvancedIncSubtensor
 
-from pymc_laplace.compile.linking import inline_inner_graphs, python_inner_functions, python_mode
+from pymc_laplace.compile.linking import python_inner_functions, python_mode
 
 # Elementwise scalar ops that are linear in each argument separately (products are handled apart).
 _LINEAR_SCALAR_OPS = (ps.Add, ps.Sub, ps.Neg, ps.Identity, ps.Cast)
@@ -135,13 +135,10 @@ def walk_hessian_pattern(
     n = int(np.size(values[wrt]))
     nodes = io_toposort(inputs, [cost])
     variables = [out for node in nodes for out in node.outputs]
-    # evaluated once, by Python code (see pymc_laplace.compile.linking), inner functions inlined: the nodes walked
-    # below are those of the graph as given, so the intermediates are evaluated as outputs of a graph built to
-    # compute the same values
-    evaluated = inline_inner_graphs(variables)
+    # evaluated once, by Python code (see pymc_laplace.compile.linking)
     evaluate = python_inner_functions(
         pytensor.function(
-            [v for v in inputs if not hasattr(v, "get_value")], evaluated, mode=python_mode(), on_unused_input="ignore"
+            [v for v in inputs if not hasattr(v, "get_value")], variables, mode=python_mode(), on_unused_input="ignore"
         )
     )
     computed = evaluate(*[values[v] for v in inputs if not hasattr(v, "get_value")])
