@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pymc as pm
@@ -198,6 +199,18 @@ def test_the_stored_functions_are_kept_within_a_total_size(cache_dir, monkeypatc
     assert {path.name for path in cache_dir.glob(f"*{SUFFIX}")} == {f"{digests[-1]}{SUFFIX}"}
 
 
+class _Unpicklable:
+    def __reduce__(self):
+        raise TypeError("this object does not pickle")
+
+
+def test_a_function_that_does_not_pickle_is_returned_and_leaves_no_file(cache_dir):
+    """Pickling fails part-way into the file: the partial file is removed, and the compiled object is used as is."""
+    made = [_Unpicklable()]
+    assert load_or_compile("0" * 64, lambda: made) is made
+    assert cache_dir.is_dir() and list(cache_dir.iterdir()) == []
+
+
 def test_an_unreadable_file_is_compiled_again(cache_dir, compile_count):
     group = np.repeat(np.arange(4), 3)
     y = np.repeat([0, 2, 4, 9], 3) + np.tile([0, 1, 0], 4)
@@ -275,16 +288,11 @@ PARTIAL_INDEX_SCRIPT = textwrap.dedent(
             b = pm.Normal("b", 0.0, 3.0)
             pm.Binomial("y", n=5, logit_p=a + b * np.array([-0.86, -0.30, -0.05, 0.73]), observed=[0, 1, 3, 4])
         result = fit_laplace(model=model, progressbar=False, random_seed=1, draws=20, chains=1)
-    else:  # correlated_slopes_model: pymc's start value and rewritten Hessian graphs hold inner functions (pt.diag)
-        rng = np.random.default_rng(4)
-        group, x = np.repeat(np.arange(6), 5), np.tile(np.arange(5.0), 6)
-        y = 1.0 + 0.5 * x + rng.normal(size=6)[group] + 0.3 * rng.normal(size=6)[group] * x + rng.normal(size=30)
-        with pm.Model() as model:
-            beta = pm.Normal("beta", 0.0, 10.0, shape=2)
-            chol, _, _ = pm.LKJCholeskyCov("chol", n=2, eta=1.0, sd_dist=pm.HalfNormal.dist(2.0, shape=2))
-            ab = pm.MvNormal("ab", 0.0, chol=chol, shape=(6, 2))
-            sigma = pm.HalfNormal("sigma", 2.0)
-            pm.Normal("y", beta[0] + ab[group, 0] + (beta[1] + ab[group, 1]) * x, sigma, observed=y)
+    else:  # pymc's start value and rewritten Hessian graphs of this model hold inner functions (pt.diag)
+        sys.path.insert(0, sys.argv[2])
+        from test_disk_cache import correlated_slopes_model
+
+        model = correlated_slopes_model()
         result = fit_integrated_laplace(model, random=["ab"], progressbar=False, random_seed=1, draws=20, chains=1)
     mean = get_group(result, "fit")["mean_vector"].values.tolist()
     cache = cmodule._module_cache
@@ -313,7 +321,11 @@ def test_a_loading_process_reads_only_the_module_index_it_needs(tmp_path, model)
 
     def run() -> dict:
         done = subprocess.run(
-            [sys.executable, "-c", PARTIAL_INDEX_SCRIPT, model], capture_output=True, text=True, env=env, timeout=900
+            [sys.executable, "-c", PARTIAL_INDEX_SCRIPT, model, str(Path(__file__).parent)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])

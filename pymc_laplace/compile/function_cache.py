@@ -50,6 +50,8 @@ from pytensor.graph.basic import Constant, Variable
 from pytensor.graph.op import Op
 from pytensor.graph.traversal import io_toposort
 
+from pymc_laplace.compile.linking import link_inner_functions
+
 # At most this many compiled functions, and this many bytes of them, are kept; the least recently used go first.
 MAX_FILES = 512
 MAX_TOTAL_BYTES = 2 * 2**30
@@ -255,33 +257,10 @@ def _compiled_recording_modules(compile_function: Callable[[], Any]) -> tuple[An
         ModuleCache.module_from_key = recording
         try:
             function = compile_function()
-            _link_inner_functions(function)
+            link_inner_functions(function)  # inner functions recorded and stored with it
         finally:
             ModuleCache.module_from_key = found
     return function, sorted(directories)
-
-
-def _link_inner_functions(function: Any) -> None:
-    """Compile now the inner function of every ``OpFromGraph`` node of ``function`` (nested ones too).
-
-    pytensor compiles them the first time such a node runs (rewrites can make them, as ``pt.diag`` does). Compiled
-    here, their C modules are recorded with the function's own, and the inner functions are stored with it: a
-    process that loads it links them from the part of pytensor's module index it reads.
-    """
-    try:
-        from pytensor.compile.builders import OpFromGraph
-    except ImportError:  # pragma: no cover
-        return
-    fgraph = getattr(getattr(function, "maker", None), "fgraph", None)
-    pending = list(fgraph.apply_nodes) if fgraph is not None else []
-    seen: set[int] = set()
-    while pending:
-        op = pending.pop().op
-        if not isinstance(op, OpFromGraph) or id(op) in seen:
-            continue
-        seen.add(id(op))
-        inner = op.fn
-        pending.extend(inner.maker.fgraph.apply_nodes)
 
 
 _RECORDING = threading.RLock()

@@ -33,7 +33,7 @@ from pytensor.tensor.random.basic import BernoulliRV, BinomialRV
 from pytensor.tensor.sharedvar import TensorSharedVariable
 
 from pymc_laplace.compile import function_cache
-from pymc_laplace.compile.linking import python_inner_functions, python_mode
+from pymc_laplace.compile.linking import link_inner_functions, python_mode
 from pymc_laplace.compile.ops import with_fast_kernels
 from pymc_laplace.errors import ModelSpecificationError, StartPointError
 
@@ -438,7 +438,9 @@ def start_point(model: pm.Model, initvals: Mapping[str, Any] | None) -> dict[str
             initval_strategies={**model.rvs_to_initial_values, **convert_str_to_rv_dict(model, overrides)},
             return_transformed=True,
         )
-        function = python_inner_functions(compile_once([], replace_rng_nodes(expressions), mode=python_mode()))
+        function = link_inner_functions(
+            compile_once([], replace_rng_nodes(expressions), mode=python_mode()), python_mode()
+        )
     except (TypeError, ValueError) as err:
         raise _initvals_error(model, overrides, err) from None
     reseed_rngs(find_rng_nodes(function.maker.fgraph.outputs), 0)

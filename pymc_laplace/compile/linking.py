@@ -24,29 +24,32 @@ def python_mode() -> Mode:
     """pytensor's FAST_COMPILE rewrites, every node run by its Python implementation: for a graph evaluated once.
 
     Unlike a temporary ``cxx=""``, this changes nothing global (pytensor decides once per process, on first import,
-    whether its C virtual machine is available). Pass the compiled function to :func:`python_inner_functions`.
+    whether its C virtual machine is available). Pass the compiled function to :func:`link_inner_functions` with
+    this mode.
     """
     return Mode(linker=VMLinker(use_cloop=False, c_thunks=False), optimizer="fast_compile")
 
 
-def python_inner_functions(function: Any) -> Any:
-    """``function`` (compiled with :func:`python_mode`) with the inner function of each ``OpFromGraph`` node it
-    holds, nested ones too, compiled with :func:`python_mode` as well, before any runs.
+def link_inner_functions(function: Any, mode: Mode | None = None) -> Any:
+    """``function`` with the inner function of each ``OpFromGraph`` node it holds, nested ones too, compiled now.
 
-    Rewrites can make such nodes (an ``Einsum``), and pymc's random variables are such nodes; pytensor would compile
-    their inner functions with its default mode the first time they run. An op that already has its inner function
-    keeps it.
+    pytensor compiles them the first time such a node runs (rewrites can make them, as ``pt.diag`` and ``Einsum``
+    do, and pymc's random variables are such nodes). With ``mode`` None each is compiled as pytensor would (done
+    before a function is stored, its C modules are recorded and the inner functions stored with it); with a mode,
+    in that mode (:func:`python_mode` for a graph evaluated once). An op that already has its inner function keeps
+    it.
     """
-    pending = list(function.maker.fgraph.apply_nodes)
+    fgraph = getattr(getattr(function, "maker", None), "fgraph", None)
+    pending = list(fgraph.apply_nodes) if fgraph is not None else []
     seen: set[int] = set()
     while pending:
         op = pending.pop().op
         if not isinstance(op, OpFromGraph) or id(op) in seen:
             continue
         seen.add(id(op))
-        if getattr(op, "_fn", None) is None:
+        if mode is not None and getattr(op, "_fn", None) is None:
             options = {key: value for key, value in getattr(op, "kwargs", {}).items() if key != "mode"}
-            op._fn = pytensor.function(op.inner_inputs, op.inner_outputs, mode=python_mode(), **options)
+            op._fn = pytensor.function(op.inner_inputs, op.inner_outputs, mode=mode, **options)
             op._fn.trust_input = True  # as pytensor sets it
-        pending.extend(op._fn.maker.fgraph.apply_nodes)
+        pending.extend(op.fn.maker.fgraph.apply_nodes)
     return function

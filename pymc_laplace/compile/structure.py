@@ -54,7 +54,7 @@ try:  # pytensor 3 folds AdvancedSubtensor1 and AdvancedIncSubtensor1 into the g
 except ImportError:  # pragma: no cover
     AdvancedSubtensor1, AdvancedIncSubtensor1 = AdvancedSubtensor, AdvancedIncSubtensor
 
-from pymc_laplace.compile.linking import python_inner_functions, python_mode
+from pymc_laplace.compile.linking import link_inner_functions, python_mode
 
 # Elementwise scalar ops that are linear in each argument separately (products are handled apart).
 _LINEAR_SCALAR_OPS = (ps.Add, ps.Sub, ps.Neg, ps.Identity, ps.Cast)
@@ -136,10 +136,11 @@ def walk_hessian_pattern(
     nodes = io_toposort(inputs, [cost])
     variables = [out for node in nodes for out in node.outputs]
     # evaluated once, by Python code (see pymc_laplace.compile.linking)
-    evaluate = python_inner_functions(
+    evaluate = link_inner_functions(
         pytensor.function(
             [v for v in inputs if not hasattr(v, "get_value")], variables, mode=python_mode(), on_unused_input="ignore"
-        )
+        ),
+        python_mode(),
     )
     computed = evaluate(*[values[v] for v in inputs if not hasattr(v, "get_value")])
     value_of: dict[Variable, np.ndarray] = {v: np.asarray(x) for v, x in zip(variables, computed, strict=True)}
